@@ -1,0 +1,86 @@
+"""kNN-LM interpolation (Khandelwal et al., 2020), a "how = logits" control.
+
+    p(y | x) = (1 - λ) · p_LM(y | x) + λ · p_kNN(y | x)
+    p_kNN(y | x) = Σ_{i ∈ kNN(q), v_i = y} softmax_i(-d_i / T)
+
+with q the query hidden state, d_i the (squared L2) distance to neighbour i, v_i its next token
+and T a temperature. For ``metric=ip`` the neighbour weights are softmax(s_i / T) of the inner
+products. Mixing is done in log space: log p = logaddexp(log(1-λ) + log p_LM, log λ + log p_kNN).
+
+Note the temperature: squared L2 distances between SmolLM2's final hidden states are ~300, so
+T = 1 puts all mass on the single nearest neighbour; T ≈ 100 spreads it over the k neighbours.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from rcd.control.base import LogitsControl
+
+
+def knn_log_probs(scores: torch.Tensor, tokens: torch.Tensor, vocab_size: int, temperature: float,
+                  metric: str = "l2") -> torch.Tensor:
+    """log p_kNN [N, V] from neighbour scores [N, k] (distances or similarities) and tokens [N, k]."""
+    logits = -scores / temperature if metric == "l2" else scores / temperature
+    weights = torch.softmax(logits.float(), dim=-1)  # non-finite scores (missing hits) get weight 0
+    weights = torch.nan_to_num(weights, nan=0.0)
+    probs = torch.zeros(scores.shape[0], vocab_size, dtype=torch.float32, device=scores.device)
+    probs.scatter_add_(1, tokens.long(), weights)
+    return probs.clamp_min(0).log()
+
+
+def interpolate(lm_log_probs: torch.Tensor, knn_lp: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """log((1-λ)·p_LM + λ·p_kNN), row-wise, in log space."""
+    if lmbda <= 0:
+        return lm_log_probs
+    if lmbda >= 1:
+        return knn_lp
+    return torch.logaddexp(lm_log_probs + math.log1p(-lmbda), knn_lp + math.log(lmbda))
+
+
+class KNNInterpolation(LogitsControl):
+    """p = (1-λ)·p_LM + λ·p_kNN over the k nearest token-datastore entries of the query state."""
+
+    accepts_units = ("tokens",)
+
+    def __init__(self, k: int = 256, lmbda: float = 0.15, temperature: float = 100.0, datastore=None, capture=None):
+        if k < 1:
+            raise ValueError(f"knn k={k} must be >= 1")
+        if not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"knn lmbda={lmbda} must be in [0, 1]")
+        if temperature <= 0:
+            raise ValueError(f"knn temperature={temperature} must be > 0")
+        self.k, self.lmbda, self.temperature = int(k), float(lmbda), float(temperature)
+        self.datastore = datastore
+        self.capture = capture
+        self.last_neighbours = None
+
+    def bind(self, datastore=None, capture=None) -> "KNNInterpolation":
+        if datastore is not None:
+            self.datastore = datastore
+        if capture is not None:
+            self.capture = capture
+        return self
+
+    def apply(self, scores: torch.Tensor, *, input_ids=None, hidden: Optional[torch.Tensor] = None,
+              fire: Optional[torch.Tensor] = None, neighbours=None, **_) -> torch.Tensor:
+        lm_lp = torch.log_softmax(scores.float(), dim=-1)
+        if fire is not None and not bool(fire.any()):
+            return lm_lp
+        if neighbours is None:
+            if hidden is None or self.datastore is None:
+                raise RuntimeError("KNNInterpolation needs a token datastore and query hidden states "
+                                   "(bind(datastore, capture) or pass hidden=)")
+            rows = hidden if fire is None else hidden[fire.to(hidden.device)]
+            neighbours = self.datastore.search(rows, self.k)
+        self.last_neighbours = neighbours
+        knn_lp = knn_log_probs(neighbours.scores, neighbours.tokens, scores.shape[-1], self.temperature,
+                               neighbours.metric)
+        if fire is None:
+            return interpolate(lm_lp, knn_lp, self.lmbda)
+        out = lm_lp.clone()
+        f = fire.to(lm_lp.device)
+        out[f] = interpolate(lm_lp[f], knn_lp, self.lmbda)
+        return out

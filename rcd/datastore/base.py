@@ -1,0 +1,176 @@
+"""What every datastore shares: fingerprinted folders, manifests, atomic writes, model checks.
+
+On disk a datastore is one folder ``<root>/<unit>-<corpus>-<model>-<fingerprint>``::
+
+    manifest.json   format, unit, fingerprint, model/tokenizer identity, sizes, dtypes, files
+    *.npy           keys / values / payload as (memory-mappable) .npy arrays
+    index/<factory>.faiss + .json   one FAISS index per index_factory string
+
+It is built in ``<root>/.building-<fingerprint>-<pid>`` and renamed into place only after the
+manifest is written, so an interrupted build never looks finished. Loading checks the manifest
+against the model in use and refuses a mismatch with a message that says what differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+FORMAT = "rcd-datastore/1"
+
+
+class DatastoreError(RuntimeError):
+    """A datastore that is missing, corrupt, incomplete or built for another model."""
+
+
+def fingerprint(spec: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_")[:40] or "x"
+
+
+def folder_name(unit: str, corpus: str, model: str, fp: str) -> str:
+    return f"{unit}-{slug(corpus)}-{slug(Path(model).name)}-{fp}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_builds(root: Path) -> None:
+    """Remove ``.building-*`` folders left by builds whose process is gone."""
+    for p in root.glob(".building-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[-1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success rename it to ``final``, on error delete it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_builds(final.parent)
+    tmp = final.parent / f".building-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if not (tmp / "manifest.json").exists():
+            raise DatastoreError(f"internal error: build of {final} wrote no manifest")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def model_identity(lm) -> dict[str, Any]:
+    """What a datastore records about the model that built it (and checks on load)."""
+    from rcd.models import tokenizer_fingerprint
+
+    return {
+        "name": lm.name,
+        "source": lm.source,
+        "hidden_size": lm.hidden_size,
+        "vocab_size": lm.vocab_size,
+        "tokenizer": tokenizer_fingerprint(lm.tokenizer),
+    }
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatastoreError(f"datastore folder {folder} does not exist; build it with `python -m rcd.build`")
+    mpath = folder / "manifest.json"
+    if not mpath.exists():
+        raise DatastoreError(f"{folder} has no manifest.json: it is not a finished datastore (interrupted build?). "
+                             f"Delete it (rm -r {folder}) and rebuild.")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise DatastoreError(f"{mpath} is corrupt ({e}); delete {folder} and rebuild") from e
+    if manifest.get("format") != FORMAT:
+        raise DatastoreError(f"{folder} has format {manifest.get('format')!r}, expected {FORMAT!r}; rebuild it")
+    return manifest
+
+
+def check_model(manifest: dict[str, Any], lm, folder: Path) -> None:
+    """Refuse a datastore whose keys/values were made by a model incompatible with ``lm``."""
+    built = manifest.get("model", {})
+    now = model_identity(lm)
+    problems = []
+    if manifest.get("unit") in ("tokens", "latent") and built.get("hidden_size") != now["hidden_size"]:
+        problems.append(f"hidden size {built.get('hidden_size')} vs {now['hidden_size']}")
+    if built.get("vocab_size") != now["vocab_size"]:
+        problems.append(f"vocabulary size {built.get('vocab_size')} vs {now['vocab_size']}")
+    if built.get("tokenizer") != now["tokenizer"]:
+        problems.append("a different tokenizer (vocabulary hash "
+                        f"{built.get('tokenizer')} vs {now['tokenizer']})")
+    if problems:
+        raise DatastoreError(
+            f"datastore {folder} was built with model {built.get('name')!r} and cannot be used with "
+            f"{lm.name!r}: {'; '.join(problems)}. Build a datastore for this model "
+            f"(same command with model.name={lm.name}).")
+
+
+def open_array(folder: Path, spec: dict[str, Any], mmap: bool = True) -> np.ndarray:
+    """Open a .npy listed in the manifest and check its shape and dtype."""
+    path = folder / spec["file"]
+    if not path.exists():
+        raise DatastoreError(f"{path} is missing: the datastore is incomplete; delete {folder} and rebuild")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError) as e:
+        raise DatastoreError(f"{path} is corrupt ({e}); delete {folder} and rebuild") from e
+    if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
+        raise DatastoreError(f"{path} has shape {list(arr.shape)} / {arr.dtype}, manifest says "
+                             f"{spec['shape']} / {spec['dtype']}: corrupt datastore; delete {folder} and rebuild")
+    return arr
+
+
+def array_spec(file: str, arr_or_shape, dtype=None) -> dict[str, Any]:
+    if isinstance(arr_or_shape, np.ndarray):
+        return {"file": file, "shape": list(arr_or_shape.shape), "dtype": str(arr_or_shape.dtype)}
+    return {"file": file, "shape": list(arr_or_shape), "dtype": str(np.dtype(dtype))}
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def find_existing(root: Path, fp: str) -> Optional[Path]:
+    for p in Path(root).glob(f"*-{fp}"):
+        if (p / "manifest.json").exists():
+            return p
+    return None

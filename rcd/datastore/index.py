@@ -1,0 +1,129 @@
+"""FAISS indexes chosen by ``index_factory`` string, stored next to the keys they index.
+
+``Flat`` is exact search; ``IVF4096,PQ64``, ``HNSW32``, ``OPQ64,IVF1024,PQ64`` … are approximate.
+Indexes that need training are trained on a random sample of the keys (fixed seed). Keys are
+added in blocks read from the memory-mapped key file, so RAM stays bounded. On a machine with a
+GPU and faiss-gpu, search runs on the GPU; otherwise on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from rcd.datastore.base import DatastoreError, Timer, slug
+
+log = logging.getLogger(__name__)
+
+METRICS = ("l2", "ip")
+
+
+def _faiss():
+    try:
+        import faiss  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("faiss is not installed: pip install faiss-cpu (or faiss-gpu-cu12 on a GPU machine)") from e
+    return faiss
+
+
+def gpu_available() -> bool:
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def index_path(folder: Path, factory: str, metric: str) -> Path:
+    return Path(folder) / "index" / f"{slug(factory)}-{metric}.faiss"
+
+
+def build_index(keys: np.ndarray, factory: str, metric: str = "l2", train_size: int = 100_000,
+                block: int = 65536, seed: int = 0, progress: bool = False):
+    """Build a FAISS index over ``keys`` [N, d] (float16/float32, may be a memmap)."""
+    faiss = _faiss()
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: choose one of {METRICS}")
+    n, d = keys.shape
+    ftype = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    try:
+        index = faiss.index_factory(d, factory, ftype)
+    except RuntimeError as e:
+        raise ValueError(f"index_factory={factory!r} is not a valid FAISS factory string for dimension {d}: {e}") from e
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        m = min(n, train_size)
+        sample = np.sort(rng.choice(n, size=m, replace=False))
+        xt = np.ascontiguousarray(keys[sample], dtype=np.float32)
+        log.info("training %s on %d of %d keys", factory, m, n)
+        try:
+            index.train(xt)
+        except RuntimeError as e:
+            raise ValueError(f"could not train {factory!r} on {m} keys ({e}); "
+                             "use a smaller index (fewer IVF lists) or a bigger datastore") from e
+    it = range(0, n, block)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"index {factory}", unit="block")
+    for s in it:
+        index.add(np.ascontiguousarray(keys[s:s + block], dtype=np.float32))
+    return index
+
+
+def save_index(index, folder: Path, factory: str, metric: str, info: dict) -> Path:
+    faiss = _faiss()
+    path = index_path(folder, factory, metric)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+    meta = path.with_suffix(".json")
+    tmpm = meta.with_name(meta.name + f".tmp-{os.getpid()}")
+    tmpm.write_text(json.dumps({"factory": factory, "metric": metric, "ntotal": int(index.ntotal), **info}, indent=2))
+    os.replace(tmpm, meta)
+    return path
+
+
+def load_or_build_index(folder: Path, keys: np.ndarray, factory: str, metric: str, *, nprobe: Optional[int] = None,
+                        ef_search: Optional[int] = None, use_gpu: Optional[bool] = None, progress: bool = False):
+    """Open ``index/<factory>-<metric>.faiss`` (building it the first time) and set search params."""
+    faiss = _faiss()
+    path = index_path(folder, factory, metric)
+    if path.exists():
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise DatastoreError(f"{path} is corrupt ({e}); delete it and it will be rebuilt") from e
+        if index.ntotal != keys.shape[0] or index.d != keys.shape[1]:
+            raise DatastoreError(f"{path} holds {index.ntotal}x{index.d} vectors but the keys are "
+                                 f"{keys.shape[0]}x{keys.shape[1]}; delete it and it will be rebuilt")
+    else:
+        t = Timer()
+        index = build_index(keys, factory, metric, progress=progress)
+        save_index(index, folder, factory, metric, {"build_seconds": round(t.seconds, 2)})
+    set_search_params(index, nprobe=nprobe, ef_search=ef_search)
+    if use_gpu is None:
+        use_gpu = gpu_available()
+    if use_gpu:
+        res = faiss.StandardGpuResources()
+        co = faiss.GpuClonerOptions()
+        co.useFloat16 = True
+        index = faiss.index_cpu_to_gpu(res, 0, index, co)
+        index._rcd_gpu_res = res  # keep the resources alive as long as the index
+    return index
+
+
+def set_search_params(index, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
+    faiss = _faiss()
+    ps = faiss.ParameterSpace()
+    if nprobe is not None:
+        try:
+            ps.set_index_parameter(index, "nprobe", int(nprobe))
+        except RuntimeError:
+            pass  # index has no IVF stage
+    if ef_search is not None:
+        try:
+            ps.set_index_parameter(index, "efSearch", int(ef_search))
+        except RuntimeError:
+            pass  # index has no HNSW stage

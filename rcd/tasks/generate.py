@@ -1,0 +1,60 @@
+"""Free continuation of prompts with ``model.generate``, with a logits control as a processor.
+
+Reports decode throughput (new tokens / second) and time to first token, for the plain model and
+the strategy, measured in the same process.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from rcd.hooks import HiddenCapture
+
+
+class _FirstTokenTimer(LogitsProcessor):
+    def __init__(self):
+        self.t_first: Optional[float] = None
+
+    def __call__(self, input_ids, scores):
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        return scores
+
+
+@torch.inference_mode()
+def generate(lm, prompts: list[str], processor=None, *, max_new_tokens: int = 64, capture_layer="final",
+             do_sample: bool = False, seed: int = 0) -> dict:
+    """Greedy (or seeded sampling) continuations; ``processor`` is a LogitsProcessor or None."""
+    tok, model = lm.tokenizer, lm.model
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True).to(lm.device)
+    timer = _FirstTokenTimer()
+    procs = LogitsProcessorList([timer] + ([processor] if processor is not None else []))
+    capture = HiddenCapture(model, capture_layer) if processor is not None else None
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    if capture is not None:
+        capture.attach()
+        if hasattr(processor, "bind"):
+            processor.bind(capture=capture)
+    try:
+        out = model.generate(**enc, logits_processor=procs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             min_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    finally:
+        if capture is not None:
+            capture.detach()
+    total = time.perf_counter() - t0
+    new = out[:, enc["input_ids"].shape[1]:]
+    ttft = (timer.t_first - t0) if timer.t_first else total
+    n_new = int(new.numel())
+    decode_time = max(1e-9, total - ttft)
+    return {
+        "texts": tok.batch_decode(new, skip_special_tokens=True),
+        "new_tokens": n_new,
+        "seconds": total,
+        "time_to_first_token": ttft,
+        "tokens_per_second": (n_new - len(prompts)) / decode_time if n_new > len(prompts) else 0.0,
+    }

@@ -1,0 +1,59 @@
+"""The language-modelling task: held-out perplexity and free continuation, plain vs strategy.
+
+Both numbers of each pair come from the same process: perplexity from one forward pass per
+window (see :mod:`rcd.tasks.perplexity`), generation from two ``model.generate`` calls.
+"""
+from __future__ import annotations
+
+import torch
+
+from rcd.tasks import generate as gen
+from rcd.tasks import perplexity
+
+
+def heldout_ids(lm, heldout_ds, eval_tokens) -> torch.Tensor:
+    text = "\n\n".join(heldout_ds["text"])
+    ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if eval_tokens:
+        ids = ids[: int(eval_tokens)]
+    if ids.numel() < 2:
+        raise ValueError("the held-out text is empty: choose another held-out set (corpus.heldout)")
+    return ids
+
+
+def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
+    t = cfg.task
+    ids = heldout_ids(lm, heldout_ds, t.eval_tokens)
+    ppl = perplexity.score(lm, ids, strategy.control, strategy.schedule, window=t.window, stride=t.stride)
+    metrics = {"perplexity": ppl.summary()}
+    prompts = list(t.prompts)
+    plain = gen.generate(lm, prompts, None, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
+    gens = {"none": plain}
+    if not strategy.is_baseline:
+        proc = strategy.processor()
+        with_ret = gen.generate(lm, prompts, proc, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
+        gens[strategy.name] = with_ret
+        nb = getattr(strategy.control, "last_neighbours", None)
+        if nb is not None:
+            provenance.append({"task": "generate", "note": "neighbours at the last generation step",
+                               "ids": nb.ids[:, :8].tolist(), "scores": nb.scores[:, :8].tolist(),
+                               "tokens": nb.tokens[:, :8].tolist()})
+    metrics["generation"] = {k: {kk: v[kk] for kk in ("tokens_per_second", "time_to_first_token", "new_tokens")}
+                             for k, v in gens.items()}
+    if len(gens) == 2:
+        a, b = gens["none"]["tokens_per_second"], gens[strategy.name]["tokens_per_second"]
+        metrics["generation"]["throughput_ratio"] = b / a if a else None
+    return {"metrics": metrics, "samples": {k: v["texts"] for k, v in gens.items()}, "prompts": prompts}
+
+
+def summary_rows(strategy_name: str, res: dict, datastore_size) -> list[list[str]]:
+    p, g = res["metrics"]["perplexity"], res["metrics"]["generation"]
+    rows = [["strategy", "perplexity", "bits/byte", "decode tok/s", "time to 1st tok (s)", "datastore"],
+            ["none", f"{p['perplexity_none']:.2f}", f"{p['bits_per_byte_none']:.4f}",
+             f"{g['none']['tokens_per_second']:.1f}", f"{g['none']['time_to_first_token']:.3f}", "-"]]
+    if strategy_name != "none" and "perplexity" in p:
+        s = g[strategy_name]
+        rows.append([strategy_name, f"{p['perplexity']:.2f} ({p['relative_change']:+.1%})", f"{p['bits_per_byte']:.4f}",
+                     f"{s['tokens_per_second']:.1f} ({g['throughput_ratio']:.2f}x)", f"{s['time_to_first_token']:.3f}",
+                     f"{datastore_size:,}" if datastore_size else "-"])
+    return rows
