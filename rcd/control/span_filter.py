@@ -1,0 +1,139 @@
+"""Span filter: a hard mask for extractive answers (copy a span of the evidence, then stop).
+
+Let a = tokens generated since the answer started (``input_ids[:, start:]``) and e ranges over
+the row's evidence token sequences. The allowed next tokens are
+
+* a empty:      every token that occurs in the evidence;
+* a non-empty:  { e[j+1] : e[j-L+1..j] = a[-L:] } for the *longest* L ≥ 1 with any match,
+                plus ``eos`` (when ``allow_eos``);
+* nothing allowed (no match, end of the evidence, no evidence): ``eos``.
+
+Every other token gets log-prob -inf; the allowed ones are renormalised. Decoding under this
+filter therefore emits a contiguous substring of one evidence sequence followed by eos.
+The index per row maps each token to its (sequence, position) occurrences; a step extends the
+candidate matches of a's last token backwards, so its cost is the number of occurrences of
+that token times the match length, independent of the evidence length.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from rcd.control.base import LogitsControl, masked_rows
+
+
+class _RowIndex:
+    """Evidence of one row: sequences, token -> occurrences, and the set of all tokens."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
+        self.seqs: list[list[int]] = [list(map(int, s)) for s in sequences]
+        self.occ: dict[int, list[tuple[int, int]]] = {}
+        for s, seq in enumerate(self.seqs):
+            for j, tok in enumerate(seq):
+                self.occ.setdefault(tok, []).append((s, j))
+        self.tokens: list[int] = sorted(self.occ)
+
+    def continuations(self, answer: Sequence[int]) -> set[int]:
+        """{e[j+1]} over the occurrences e[j-L+1..j] of the longest matching suffix of ``answer``."""
+        cands = self.occ.get(answer[-1], [])
+        if not cands:
+            return set()
+        length = 1
+        while length < len(answer):
+            want = answer[-length - 1]
+            nxt = [(s, j) for s, j in cands if j - length >= 0 and self.seqs[s][j - length] == want]
+            if not nxt:
+                break
+            cands, length = nxt, length + 1
+        return {self.seqs[s][j + 1] for s, j in cands if j + 1 < len(self.seqs[s])}
+
+
+class SpanFilter(LogitsControl):
+    """log p'(v) = log p(v) - log Σ_{u∈A} p(u) for v ∈ A (allowed set, see module doc), -inf otherwise."""
+
+    accepts_units = ("chunks",)
+
+    def __init__(self, eos_token_id: int | Sequence[int], allow_eos: bool = True) -> None:
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not eos:
+            raise ValueError("SpanFilter: eos_token_id is required (it ends the span and is the fallback)")
+        self.eos: list[int] = [int(e) for e in eos]
+        self.allow_eos = bool(allow_eos)
+        self.rows: Optional[list[Optional[_RowIndex]]] = None
+        self.start: Optional[int] = None
+
+    def set_evidence(
+        self, evidence: Sequence[Optional[Sequence[Sequence[int]]]], start: Optional[int] = None
+    ) -> None:
+        """Evidence token sequences per row (``[row][seq] -> ids``; a ``None`` row is unconstrained).
+
+        ``start``: length of ``input_ids`` when the answer starts; ``None`` takes the length
+        seen at the next :meth:`apply` (the prompt length when set before ``generate``).
+        """
+        self.rows = [None if ev is None else _RowIndex(ev) for ev in evidence]
+        self.start = start
+
+    def reset(self, start: Optional[int] = None) -> None:
+        """Keep the evidence, start a new answer at ``start`` (``None``: next apply)."""
+        self.start = start
+
+    def allowed(self, row: int, answer: Sequence[int]) -> list[int]:
+        """Sorted allowed next-token ids for evidence row ``row`` after ``answer`` (None row: [])."""
+        if self.rows is None:
+            raise ValueError("SpanFilter: no evidence; call set_evidence(evidence) first")
+        index = self.rows[row if len(self.rows) > 1 else 0]
+        if index is None:
+            return []
+        if len(answer) == 0:
+            out = set(index.tokens)
+        else:
+            out = index.continuations(answer)
+            if self.allow_eos:
+                out.update(self.eos)
+        if not out:
+            out = set(self.eos)
+        return sorted(out)
+
+    def apply(
+        self,
+        scores: torch.Tensor,
+        *,
+        input_ids: Optional[torch.Tensor] = None,
+        hidden: Optional[torch.Tensor] = None,
+        fire: Optional[torch.Tensor] = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        base = torch.log_softmax(scores, dim=-1)
+        if self.rows is None:
+            raise ValueError("SpanFilter: no evidence; call set_evidence(evidence) first")
+        if input_ids is None:
+            raise ValueError("SpanFilter needs input_ids (the answer generated so far) to know what may follow")
+        n, vocab = scores.shape
+        if len(self.rows) not in (1, n):
+            raise ValueError(f"SpanFilter: evidence for {len(self.rows)} rows but scores have {n} rows")
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        answers = input_ids[:, self.start:].tolist()
+        fire_list = None if fire is None else fire.tolist()
+        mask = torch.zeros(n, vocab, dtype=torch.bool)
+        for r in range(n):
+            if fire_list is not None and not fire_list[r]:
+                mask[r] = True  # left unchanged below (masked_rows takes base)
+                continue
+            if self.rows[r if len(self.rows) > 1 else 0] is None:
+                mask[r] = True
+                continue
+            ids = self.allowed(r, answers[r])
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise ValueError(f"SpanFilter: token ids {bad[:5]} outside the vocabulary of size {vocab}")
+            mask[r, ids] = True
+        mask = mask.to(scores.device)
+        new = torch.log_softmax(base.masked_fill(~mask, float("-inf")), dim=-1)
+        dead = torch.isnan(new).any(dim=-1)  # every allowed token already had p = 0: emit eos
+        if bool(dead.any()):
+            eos_row = torch.full((vocab,), float("-inf"), dtype=new.dtype, device=new.device)
+            eos_row[self.eos[0]] = 0.0
+            new = torch.where(dead.view(-1, 1), eos_row, new)
+        return masked_rows(new, base, fire)
