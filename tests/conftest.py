@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random causal LMs with a character-level tokenizer (no downloads)."""
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+
+
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    return tok
+
+
+def tiny_llama(hidden=32, layers=2, seed=0, vocab=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=1, pad_token_id=1,
+                      bos_token_id=1)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def as_loaded(model, tok, name="tiny"):
+    from rcd.models import LoadedModel
+
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=f"{name}-test")
+
+
+@pytest.fixture
+def tiny_lm():
+    model, tok = tiny_llama()
+    return as_loaded(model, tok)
+
+
+@pytest.fixture
+def other_lm():
+    """Same tokenizer, another hidden size."""
+    model, tok = tiny_llama(hidden=48, seed=1)
+    return as_loaded(model, tok, name="tiny48")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RCD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RCD_RUNS", str(tmp_path / "runs"))
+
+
+TEXTS = [
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n",
+    "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n",
+    "And by opposing end them. To die: to sleep;\nNo more; and by a sleep to say we end\n",
+]
