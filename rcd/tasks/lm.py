@@ -26,10 +26,13 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     ids = heldout_ids(lm, heldout_ds, t.eval_tokens)
     ppl = perplexity.score(lm, ids, strategy.control, strategy.schedule, window=t.window, stride=t.stride)
     metrics = {"perplexity": ppl.summary()}
-    prompts = list(t.prompts)
-    plain = gen.generate(lm, prompts, None, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
-    gens = {"none": plain}
-    if not strategy.is_baseline:
+    if strategy.schedule is not None and hasattr(strategy.schedule, "stats"):
+        metrics["schedule"] = strategy.schedule.stats()
+    prompts = list(t.prompts) if t.get("generate", True) else []
+    gens = {}
+    if prompts:
+        gens["none"] = gen.generate(lm, prompts, None, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
+    if prompts and not strategy.is_baseline:
         proc = strategy.processor()
         with_ret = gen.generate(lm, prompts, proc, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
         gens[strategy.name] = with_ret
@@ -43,17 +46,21 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     if len(gens) == 2:
         a, b = gens["none"]["tokens_per_second"], gens[strategy.name]["tokens_per_second"]
         metrics["generation"]["throughput_ratio"] = b / a if a else None
-    return {"metrics": metrics, "samples": {k: v["texts"] for k, v in gens.items()}, "prompts": prompts}
+    per_example = {"nll_none": [round(float(x), 5) for x in ppl.nll_none]}
+    if ppl.nll is not None:
+        per_example["nll"] = [round(float(x), 5) for x in ppl.nll]
+    return {"metrics": metrics, "samples": {k: v["texts"] for k, v in gens.items()}, "prompts": prompts,
+            "per_example": per_example}
 
 
 def summary_rows(strategy_name: str, res: dict, datastore_size) -> list[list[str]]:
     p, g = res["metrics"]["perplexity"], res["metrics"]["generation"]
+    tps = lambda name: f"{g[name]['tokens_per_second']:.1f}" if name in g else "-"  # noqa: E731
+    ttft = lambda name: f"{g[name]['time_to_first_token']:.3f}" if name in g else "-"  # noqa: E731
     rows = [["strategy", "perplexity", "bits/byte", "decode tok/s", "time to 1st tok (s)", "datastore"],
-            ["none", f"{p['perplexity_none']:.2f}", f"{p['bits_per_byte_none']:.4f}",
-             f"{g['none']['tokens_per_second']:.1f}", f"{g['none']['time_to_first_token']:.3f}", "-"]]
+            ["none", f"{p['perplexity_none']:.2f}", f"{p['bits_per_byte_none']:.4f}", tps("none"), ttft("none"), "-"]]
     if strategy_name != "none" and "perplexity" in p:
-        s = g[strategy_name]
+        ratio = f" ({g['throughput_ratio']:.2f}x)" if g.get("throughput_ratio") else ""
         rows.append([strategy_name, f"{p['perplexity']:.2f} ({p['relative_change']:+.1%})", f"{p['bits_per_byte']:.4f}",
-                     f"{s['tokens_per_second']:.1f} ({g['throughput_ratio']:.2f}x)", f"{s['time_to_first_token']:.3f}",
-                     f"{datastore_size:,}" if datastore_size else "-"])
+                     tps(strategy_name) + ratio, ttft(strategy_name), f"{datastore_size:,}" if datastore_size else "-"])
     return rows
