@@ -45,7 +45,7 @@ class KNNInterpolation(LogitsControl):
 
     accepts_units = ("tokens",)
 
-    def __init__(self, k: int = 256, lmbda: float = 0.15, temperature: float = 100.0, datastore=None, capture=None):
+    def __init__(self, k: int = 256, lmbda: float = 0.1, temperature: float = 100.0, datastore=None, capture=None):
         if k < 1:
             raise ValueError(f"knn k={k} must be >= 1")
         if not 0.0 <= lmbda <= 1.0:
