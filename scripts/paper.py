@@ -1,0 +1,256 @@
+"""Regenerate the paper from run folders: ``python scripts/paper.py <command> [--scale small|full]``.
+
+Commands
+  run      run every experiment in ``experiments/*.yaml`` (one ``python -m rcd.run --multirun`` per row
+           or series; finished runs are reused, so an interrupted regeneration resumes)
+  tables   aggregate run folders into ``paper/tables/<experiment>.md`` and ``.tex`` (+ ``values.json``)
+  figures  plot ``paper/figures/<experiment>.png`` and ``.pdf``
+  paper    render ``paper/paper.src.md`` into ``paper/paper.md`` (tables included, ``{{values}}`` filled)
+  all      run, tables, figures, paper (what ``make paper`` does)
+  plan     list every point of every experiment with its run folder and status; runs nothing
+
+Runs of experiment ``<name>`` go to ``<runs>/<name>/`` (``--runs``, default ``$RCD_RUNS`` or ``runs``).
+A row whose preset does not exist yet (or whose grid cell is refused at start-up) is reported and
+skipped, and its table cells read "–".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rcd import report  # noqa: E402
+
+EXPERIMENTS = REPO / "experiments"
+PAPER = REPO / "paper"
+
+
+def specs(only: list[str] | None) -> list[dict]:
+    out = [report.load_spec(p) for p in sorted(EXPERIMENTS.glob("*.yaml"))]
+    if not out:
+        raise SystemExit(f"no experiment specs in {EXPERIMENTS}")
+    if only:
+        unknown = set(only) - {s["name"] for s in out}
+        if unknown:
+            raise SystemExit(f"unknown experiment(s) {sorted(unknown)}; known: {[s['name'] for s in out]}")
+        out = [s for s in out if s["name"] in only]
+    return out
+
+
+def runnable(spec: dict) -> bool:
+    return bool(spec.get("rows") or spec.get("series"))
+
+
+def root_of(spec: dict, runs: Path) -> Path:
+    return report.experiment_root(runs, spec)
+
+
+# ------------------------------------------------------------------------------------------ run
+def run_experiments(args) -> dict:
+    """Run every pending point; returns the regeneration record (also written to paper/tables)."""
+    t_all = time.perf_counter()
+    record = {"scale": args.scale, "threads": args.threads, "experiments": []}
+    for spec in specs(args.only):
+        if not runnable(spec):
+            continue
+        root = root_of(spec, args.runs)
+        t0 = time.perf_counter()
+        rec = {"name": spec["name"], "points": 0, "reused": 0, "ran": 0, "failed": 0, "skipped": []}
+        for entry in report.entries(spec, args.scale):
+            resolved = [report.resolve(p, root) for p in entry.points()]
+            rec["points"] += len(resolved)
+            errors = sorted({r.error for r in resolved if r.error})
+            tag = f"{spec['name']}/{entry.key}" + (f"/{entry.group}" if entry.group else "")
+            if errors:
+                print(f"[paper] {tag}: skipped ({'; '.join(errors)})", flush=True)
+                rec["skipped"].append(f"{entry.key}{'/' + entry.group if entry.group else ''}: {'; '.join(errors)}")
+                continue
+            pending = list(resolved) if args.force else [r for r in resolved if not r.done]
+            rec["reused"] += len(resolved) - len(pending)
+            if not pending:
+                print(f"[paper] {tag}: {len(resolved)} finished run(s) reused", flush=True)
+                continue
+            cmd = [sys.executable, "-m", "rcd.run", "--multirun"] + entry.multirun_overrides() + [
+                f"runs_root={root}", "progress=false"] + (["force=true"] if args.force else [])
+            env = dict(os.environ, RCD_RUNS=str(root))
+            if args.threads:
+                env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+            log = root / ".logs" / f"{entry.key}{'-' + entry.group if entry.group else ''}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[paper] {tag}: running {len(pending)} of {len(resolved)} point(s) -> {log}", flush=True)
+            t1, t_start = time.perf_counter(), time.time()
+            with open(log, "w") as f:
+                f.write("$ " + " ".join(cmd) + "\n")
+                f.flush()
+                rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+            now_done = sum(1 for r in pending if r.done and (not args.force or
+                                                            (r.folder / "results.json").stat().st_mtime > t_start))
+            rec["ran"] += now_done
+            rec["failed"] += len(pending) - now_done
+            msg = f"{now_done} finished in {time.perf_counter() - t1:.0f} s"
+            if rc != 0 or now_done < len(pending):
+                tail = log.read_text().strip().splitlines()[-1:] or [""]
+                msg += f"; FAILED (exit {rc}): {tail[0][:200]}"
+                rec["skipped"].append(f"{entry.key}{'/' + entry.group if entry.group else ''}: failed, see {log}")
+            print(f"[paper] {tag}: {msg}", flush=True)
+        rec["wall_s"] = round(time.perf_counter() - t0, 1)
+        record["experiments"].append(rec)
+    record["wall_s"] = round(time.perf_counter() - t_all, 1)
+    return record
+
+
+def write_regeneration(record: dict, out: Path) -> None:
+    """Write ``regeneration.json``/``.md``; a partial run (--only) updates its experiments' entries."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = out / "regeneration.json"
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        if prev.get("scale") == record["scale"]:
+            mine = {e["name"] for e in record["experiments"]}
+            merged = [e for e in prev["experiments"] if e["name"] not in mine] + record["experiments"]
+            record["experiments"] = sorted(merged, key=lambda e: e["name"])
+            record["wall_s"] = round(sum(e["wall_s"] for e in record["experiments"]), 1)
+    (out / "regeneration.json").write_text(json.dumps(record, indent=2) + "\n")
+    rows = [[e["name"], str(e["points"]), str(e["ran"]), str(e["reused"]), str(e["failed"]), f"{e['wall_s']:.0f}",
+             "; ".join(e["skipped"]) or report.MISSING] for e in record["experiments"]]
+    cmd = record.get("command", "")
+    t = report.Table(f"Regeneration log (scale: {record['scale']})",
+                     ["experiment", "points", "ran", "reused", "failed", "wall (s)", "skipped / failed rows"], rows,
+                     [f"Command: `{cmd}`; total wall time {record['wall_s']:.0f} s "
+                      f"({record['wall_s'] / 60:.1f} min); threads per run: {record['threads'] or 'torch default'}. "
+                      "Wall time depends on how many runs were reused and on the machine's load."])
+    (out / "regeneration.md").write_text(t.markdown())
+
+
+# ------------------------------------------------------------------------------------------ tables
+def scale_note(spec: dict, scale: str, runs: Path) -> str:
+    common = report.at_scale(spec.get("scales", {}), scale) or []
+    ov = " ".join(f"`{o}`" for o in common) or "defaults"
+    return (f"Scale: **{scale}** ({ov}); spec `experiments/{spec['name']}.yaml`, runs in "
+            f"`{os.path.relpath(root_of(spec, runs), REPO)}/`.")
+
+
+def collected_rows(spec: dict, args) -> tuple[list, list[report.Row]]:
+    col = report.collect(spec, args.scale, root_of(spec, args.runs)) if runnable(spec) else []
+    return col, report.rows_of(col)
+
+
+def make_tables(args) -> dict[str, str]:
+    out = args.out / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    values: dict[str, str] = {"scale": args.scale}
+    all_specs = {s["name"]: s for s in specs(None)}
+    compute_s = 0.0
+    n_runs = 0
+    for spec in specs(args.only):
+        if spec["kind"] != "table":
+            continue
+        if spec["layout"] == "cost":
+            rows = []
+            for name in spec.get("from", []):
+                src = all_specs[name]
+                for r in collected_rows(src, args)[1]:
+                    label = r.label + (f" ({dict((g['key'], g.get('label', g['key'])) for g in src.get('groups') or []).get(r.group, r.group)})" if r.group else "")
+                    rows.append(report.Row(r.key, label, r.group, r.run))
+        else:
+            rows = collected_rows(spec, args)[1]
+        table = report.build_table(spec, rows)
+        table.notes.append(scale_note(spec, args.scale, args.runs) if spec["layout"] != "cost"
+                           else f"Scale: **{args.scale}**; rows from {', '.join('`' + n + '`' for n in spec.get('from', []))}.")
+        (out / f"{spec['name']}.md").write_text(table.markdown())
+        (out / f"{spec['name']}.tex").write_text(table.latex())
+        values.update(report.table_values(spec, rows, table))
+        print(f"[paper] table {out / (spec['name'] + '.md')}: {sum(r.run is not None for r in rows)}/{len(rows)} rows")
+    for spec in specs(None):
+        if runnable(spec):
+            for _r, run in report.collect(spec, args.scale, root_of(spec, args.runs)):
+                if run is not None:
+                    n_runs += 1
+                    compute_s += float(report.dig(run.results, "timing.total_s", 0.0))
+    values["compute.runs"] = str(n_runs)
+    values["compute.minutes"] = f"{compute_s / 60:.1f}"
+    regen = out / "regeneration.json"
+    if regen.is_file():
+        r = json.loads(regen.read_text())
+        values["regen.minutes"] = f"{r['wall_s'] / 60:.1f}"
+        values["regen.scale"] = r["scale"]
+        values["regen.ran"] = str(sum(e["ran"] for e in r["experiments"]))
+        values["regen.reused"] = str(sum(e["reused"] for e in r["experiments"]))
+    (out / "values.json").write_text(json.dumps(values, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return values
+
+
+def make_figures(args) -> None:
+    out = args.out / "figures"
+    for spec in specs(args.only):
+        if spec["kind"] != "figure":
+            continue
+        col = report.collect(spec, args.scale, root_of(spec, args.runs))
+        paths = report.build_figure(spec, col, out / spec["name"])
+        n = sum(run is not None for _, run in col)
+        print(f"[paper] figure {paths[0]} (+ .pdf): {n}/{len(col)} runs")
+
+
+def make_paper(args) -> None:
+    values = json.loads((args.out / "tables" / "values.json").read_text())
+    src = (args.out / "paper.src.md").read_text()
+    missing: list = []
+    text = report.render_paper(src, args.out, values, missing)
+    header = "<!-- generated by scripts/paper.py from paper/paper.src.md and paper/tables/*; do not edit -->\n"
+    (args.out / "paper.md").write_text(header + text)
+    print(f"[paper] {args.out / 'paper.md'}" + (f" (missing: {', '.join(sorted(set(missing)))})" if missing else ""))
+
+
+def print_plan(args) -> None:
+    for spec in specs(args.only):
+        if not runnable(spec):
+            continue
+        for r, run in report.collect(spec, args.scale, root_of(spec, args.runs)):
+            status = "done" if run is not None else (f"skip: {r.error}" if r.error else "pending")
+            where = os.path.relpath(r.folder, REPO) if r.folder else "-"
+            print(f"{spec['name']}\t{r.point.key}\t{r.point.group or '-'}\t{r.point.params or ''}\t{status}\t{where}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["run", "tables", "figures", "paper", "all", "plan"])
+    ap.add_argument("--scale", choices=report.SCALES, default="small")
+    ap.add_argument("--runs", type=Path, default=Path(os.environ.get("RCD_RUNS", "runs")),
+                    help="root of run folders (experiment <name> -> <runs>/<name>/)")
+    ap.add_argument("--only", nargs="*", help="experiment names (default: all)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per run (default: 1 at small scale, torch's default at full)")
+    ap.add_argument("--out", type=Path, default=PAPER, help="paper folder (tables/, figures/, paper.src.md)")
+    ap.add_argument("--experiments", type=Path, default=None, help="folder of experiment specs (default: experiments/)")
+    ap.add_argument("--force", action="store_true", help="rerun finished runs too (force=true)")
+    args = ap.parse_args(argv)
+    global EXPERIMENTS
+    EXPERIMENTS = args.experiments or (REPO / "experiments")
+    if args.threads is None:
+        args.threads = 1 if args.scale == "small" else 0
+    args.runs = args.runs if args.runs.is_absolute() else (REPO / args.runs)
+    if args.command == "plan":
+        print_plan(args)
+        return
+    if args.command in ("run", "all"):
+        record = run_experiments(args)
+        record["command"] = "python scripts/paper.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_regeneration(record, args.out / "tables")
+        print(f"[paper] runs: {record['wall_s']:.0f} s", flush=True)
+    if args.command in ("tables", "all"):
+        make_tables(args)
+    if args.command in ("figures", "all"):
+        make_figures(args)
+    if args.command in ("paper", "all"):
+        make_paper(args)
+
+
+if __name__ == "__main__":
+    main()
