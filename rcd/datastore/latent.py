@@ -1,0 +1,520 @@
+"""Latent datastore (the "what = latent" unit): chunk KV caches and per-token memories of the LM.
+
+Built with the LM itself, from chunks of the corpus (:mod:`rcd.datastore.chunking`; token
+chunking keeps the exact LM token ids, other chunkings tokenize each chunk's text). Each chunk
+c of L_c tokens is run through the LM **alone, at positions 0..L_c-1** (batched with right
+padding; padding never reaches a real token), and two things are kept (``kv`` / ``memories``;
+the manifest records which):
+
+(a) **KV caches** — for every layer l the attention keys and values of every token,
+    ``kv/layer<l>.npy`` of shape [T, 2, kv_heads, head_dim] (float16 by default), T = Σ_c L_c,
+    chunk c in rows ``chunk_token_offsets[c]:chunk_token_offsets[c+1]`` (no padding stored).
+    Keys are exactly what the model caches (for RoPE models: rotated for positions 0..L_c-1).
+    A consumer that places a chunk at another offset p must re-rotate its keys by p (RoPE is
+    additive in the position) or give the chunk positions 0..L_c-1; :meth:`LatentDatastore.kv`
+    returns [1, kv_heads, Σ L, head_dim] per layer (chunks concatenated in the order asked),
+    :meth:`LatentDatastore.kv_cache` the same as a ``transformers.DynamicCache``.
+(b) **memories** — per token, the hidden state output by block ``memory_layer`` (an integer;
+    ``final`` = the LM-head input) as key, searchable with FAISS (``memory_metric`` ip or l2),
+    and as value the hidden state at ``memory_value_layer`` (default: the key itself, stored
+    once). Like Memorizing-Transformer / kNN-attention memories, but in the residual stream: a
+    consumer that attends to them at block ``memory_layer + 1`` projects them with that block's
+    norm and k/v projections. Memory i is token i of the flat token array (its chunk:
+    :meth:`memory_chunk`). ``search_memories(q [N, H], k) -> (scores, ids, values [N, k, H])``.
+
+The chunk texts and a text retriever are a :class:`~rcd.datastore.chunks.ChunkDatastore` in the
+sub-folder ``text/`` over the same chunks, so ``search(queries, k)`` returns ChunkHits whose ids
+index the caches: ``kv(hits.ids[i])``. The manifest records the LM; loading with another model
+is refused (:func:`rcd.datastore.base.check_model`).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from rcd.datastore import base, shards
+from rcd.datastore.chunks import (ChunkDatastore, ChunkHits, NpyAppender, folder_bytes, merge_chunk_folders,
+                                  resolve_parts, shard_label, shard_rows)
+from rcd.datastore.index import load_or_build_index
+from rcd.hooks import HiddenCapture
+
+log = logging.getLogger(__name__)
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) [B, kv_heads, T, head_dim] of every layer of a transformers cache (any version)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v in cache]
+
+
+def _layer_name(layer) -> str:
+    return str(layer)
+
+
+class LatentDatastore:
+    """Per-chunk KV caches and per-token memories of one LM, plus the chunks' texts (see module doc)."""
+
+    unit = "latent"
+
+    def __init__(self, folder: Path, manifest: dict, text: ChunkDatastore, lm, memory_index=None,
+                 memory_metric: str = "ip"):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.text_store = text
+        self.lm = lm
+        self.device = lm.device
+        self.dtype = next(lm.model.parameters()).dtype
+        self.tokens_flat = base.open_array(self.folder, manifest["chunk_tokens"])
+        self.offsets = np.asarray(base.open_array(self.folder, manifest["chunk_token_offsets"]))
+        if len(self.offsets) != len(text) + 1:
+            raise base.DatastoreError(f"{self.folder}: {len(self.offsets) - 1} token chunks but {len(text)} texts; "
+                                      f"delete {self.folder} and rebuild")
+        self.kv_layers = ([base.open_array(self.folder, spec) for spec in manifest["kv"]["layers"]]
+                          if manifest.get("kv") else None)
+        mem = manifest.get("memories")
+        self.memory_keys = base.open_array(self.folder, mem["keys"]) if mem else None
+        self.memory_values = (base.open_array(self.folder, mem["values"]) if mem and mem.get("values")
+                              else self.memory_keys)
+        self.memory_index = memory_index
+        self.memory_metric = memory_metric
+
+    def __len__(self) -> int:
+        return len(self.text_store)
+
+    # ---------------------------------------------------------------- payloads
+    def text(self, i: int) -> str:
+        return self.text_store.text(i)
+
+    def doc_id(self, i: int) -> str:
+        return self.text_store.doc_id(i)
+
+    def length(self, i: int) -> int:
+        return int(self.offsets[int(i) + 1] - self.offsets[int(i)])
+
+    def tokens(self, i: int) -> torch.LongTensor:
+        """LM token ids of chunk i (what its KV cache was computed from), on the model's device."""
+        s, e = int(self.offsets[int(i)]), int(self.offsets[int(i) + 1])
+        return torch.from_numpy(np.asarray(self.tokens_flat[s:e], dtype=np.int64)).to(self.device)
+
+    def memory_chunk(self, ids) -> torch.LongTensor:
+        """Chunk of each memory id (memory i = token i of the flat token array)."""
+        ids = torch.as_tensor(ids)
+        idx = np.searchsorted(self.offsets, ids.clamp_min(0).cpu().numpy(), side="right") - 1
+        return torch.from_numpy(idx).masked_fill_(torch.as_tensor(ids.cpu() < 0), -1).to(ids.device)
+
+    def memory_tokens(self, ids) -> torch.LongTensor:
+        ids = torch.as_tensor(ids)
+        tok = np.asarray(self.tokens_flat, dtype=np.int64)[ids.clamp_min(0).cpu().numpy()]
+        return torch.from_numpy(tok).masked_fill_(torch.as_tensor(ids.cpu() < 0), -1).to(ids.device)
+
+    # ---------------------------------------------------------------- KV caches
+    def _need_kv(self):
+        if self.kv_layers is None:
+            raise ValueError(f"{self.folder} was built without KV caches (datastore.kv=false)")
+
+    def _ids(self, ids) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        elif isinstance(ids, (int, np.integer)):
+            ids = [int(ids)]
+        out = [int(i) for i in ids if int(i) >= 0]
+        for i in out:
+            if i >= len(self):
+                raise IndexError(f"chunk {i} out of range (datastore has {len(self)} chunks)")
+        return out
+
+    def _rows(self, ids: list[int]) -> np.ndarray:
+        if not ids:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in ids])
+
+    def kv(self, ids, dtype: Optional[torch.dtype] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) [1, kv_heads, Σ L, head_dim] of chunks ``ids`` (-1 skipped), concatenated
+        in order, on the model's device in the model's dtype (or ``dtype``). Positions restart at 0 in
+        every chunk (see module doc)."""
+        self._need_kv()
+        rows = self._rows(self._ids(ids))
+        dtype = dtype or self.dtype
+        out = []
+        for arr in self.kv_layers:
+            x = torch.from_numpy(np.asarray(arr[rows])).to(self.device, dtype)  # [T, 2, h, d]
+            out.append((x[:, 0].transpose(0, 1).unsqueeze(0).contiguous(),
+                        x[:, 1].transpose(0, 1).unsqueeze(0).contiguous()))
+        return out
+
+    def kv_cache(self, ids, dtype: Optional[torch.dtype] = None):
+        """:meth:`kv` as a ``transformers.DynamicCache`` (batch 1)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(self.kv(ids, dtype), config=self.lm.model.config)
+
+    def kv_batch(self, ids, dtype: Optional[torch.dtype] = None):
+        """Per layer (keys, values) [B, kv_heads, L_max, head_dim], one row per chunk (zero padded on the
+        right), and the lengths [B]."""
+        self._need_kv()
+        ids = self._ids(ids)
+        lengths = torch.tensor([self.length(i) for i in ids], dtype=torch.long)
+        L = int(lengths.max()) if len(ids) else 0
+        dtype = dtype or self.dtype
+        out = []
+        for arr in self.kv_layers:
+            h, d = arr.shape[2], arr.shape[3]
+            k = torch.zeros(len(ids), h, L, d, dtype=dtype)
+            v = torch.zeros(len(ids), h, L, d, dtype=dtype)
+            for b, i in enumerate(ids):
+                x = torch.from_numpy(np.array(arr[self.offsets[i]:self.offsets[i + 1]])).to(dtype)
+                k[b, :, :x.shape[0]] = x[:, 0].transpose(0, 1)
+                v[b, :, :x.shape[0]] = x[:, 1].transpose(0, 1)
+            out.append((k.to(self.device), v.to(self.device)))
+        return out, lengths.to(self.device)
+
+    # ---------------------------------------------------------------- search
+    def search(self, queries: list[str], k: int) -> ChunkHits:
+        """Chunks for text queries (the text retriever); ``kv(hits.ids[i])`` gives their caches."""
+        return self.text_store.search(queries, k)
+
+    def search_vectors(self, q: torch.Tensor, k: int) -> ChunkHits:
+        return self.text_store.search_vectors(q, k)
+
+    def search_memories(self, q: torch.Tensor, k: int):
+        """k nearest memories of hidden-state queries q [N, H]: (scores, ids, values [N, k, H]) on q's device.
+
+        Scores are inner products (``memory_metric=ip``) or squared L2 distances; id -1 = none
+        (score -inf / +inf, value 0).
+        """
+        if self.memory_index is None:
+            raise ValueError(f"{self.folder} was built without memories (datastore.memories=false)")
+        H = self.memory_keys.shape[1]
+        if q.dim() != 2 or q.shape[1] != H:
+            raise ValueError(f"memory queries must be [N, {H}], got {tuple(q.shape)}")
+        k = min(int(k), self.memory_keys.shape[0])
+        D, I = self.memory_index.search(np.ascontiguousarray(q.detach().float().cpu().numpy()), k)
+        ids = torch.from_numpy(np.asarray(I, dtype=np.int64))
+        scores = torch.from_numpy(np.asarray(D, dtype=np.float32))
+        missing = ids < 0
+        if missing.any():
+            scores = scores.masked_fill(missing, float("inf") if self.memory_metric == "l2" else float("-inf"))
+        flat = ids.clamp_min(0).flatten().numpy()
+        order = np.argsort(flat, kind="stable")  # sorted reads from the memory map
+        vals = np.empty((len(flat), H), dtype=np.float32)
+        vals[order] = np.asarray(self.memory_values[flat[order]], dtype=np.float32)
+        values = torch.from_numpy(vals).view(ids.shape[0], k, H)
+        values[missing] = 0
+        return scores.to(q.device), ids.to(q.device), values.to(q.device, q.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        kv = self.manifest.get("kv")
+        mem = self.manifest.get("memories")
+        return {"unit": "latent", "size": len(self), "folder": str(self.folder),
+                "index": " | ".join(x for x in [self.text_store.describe()["index"],
+                                                type(self.memory_index).__name__ if self.memory_index else ""] if x),
+                "bytes": folder_bytes(self.folder), "retriever": self.text_store.retriever,
+                "tokens": int(self.offsets[-1]), "kv": bool(kv), "kv_dtype": kv["dtype"] if kv else None,
+                "memories": bool(mem), "memory_layer": mem["layer"] if mem else None}
+
+    # ---------------------------------------------------------------- load
+    @classmethod
+    def load(cls, folder: Path, lm, *, encoder=None, retriever: Optional[str] = None, index_factory="Flat",
+             metric="ip", memory_index_factory="Flat", memory_metric="ip", nprobe=32, ef_search=128, use_gpu=None,
+             rrf_k=60, candidates=100, progress=False) -> "LatentDatastore":
+        folder = Path(folder)
+        manifest = base.read_manifest(folder)
+        if manifest.get("unit") != "latent":
+            raise base.DatastoreError(f"{folder} holds a {manifest.get('unit')!r} datastore, not latent")
+        base.check_model(manifest, lm, folder)
+        text = ChunkDatastore.load(folder / "text", lm, encoder=encoder, retriever=retriever,
+                                   index_factory=index_factory, metric=metric, nprobe=nprobe, ef_search=ef_search,
+                                   use_gpu=use_gpu, rrf_k=rrf_k, candidates=candidates, progress=progress)
+        mindex = None
+        if manifest.get("memories"):
+            keys = base.open_array(folder, manifest["memories"]["keys"])
+            mindex = load_or_build_index(folder, keys, memory_index_factory, memory_metric, nprobe=nprobe,
+                                         ef_search=ef_search, use_gpu=use_gpu, progress=progress)
+        return cls(folder, manifest, text, lm, memory_index=mindex, memory_metric=memory_metric)
+
+
+# --------------------------------------------------------------------------- build
+class _TokenSink:
+    """Collects the LM token ids of every chunk (flat) while the chunks are written."""
+
+    def __init__(self, tmp: Path, tokenizer, max_len: Optional[int]):
+        self.tokens = NpyAppender(tmp / "chunk_tokens.npy", np.int32)
+        self.offsets = NpyAppender(tmp / "chunk_token_offsets.npy", np.int64)
+        self.offsets.append([0])
+        self.total = 0
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+
+    def __call__(self, chunks) -> None:
+        need = [c.text for c in chunks if c.token_ids is None]
+        enc = iter(self.tokenizer(need, add_special_tokens=False)["input_ids"]) if need else iter(())
+        ends = []
+        for c in chunks:
+            ids = c.token_ids if c.token_ids is not None else next(enc)
+            if len(ids) == 0:
+                raise ValueError(f"a chunk of row {c.row} has no LM tokens; use chunking=tokens")
+            if self.max_len is not None and len(ids) > self.max_len:
+                raise ValueError(f"a chunk of row {c.row} has {len(ids)} LM tokens, more than the model's "
+                                 f"{self.max_len} positions; use chunking=tokens with a smaller chunk_size")
+            self.tokens.append(ids)
+            self.total += len(ids)
+            ends.append(self.total)
+        self.offsets.append(ends)
+
+    def close(self) -> tuple[dict, dict]:
+        return self.tokens.close(), self.offsets.close()
+
+
+def write_latents(tmp: Path, lm, tokens: np.ndarray, offsets: np.ndarray, *, kv: bool, memories: bool,
+                  memory_layer, memory_value_layer, kv_dtype: str, memory_dtype: str, batch_size: int,
+                  progress: bool) -> dict:
+    """Run the LM over every chunk alone (positions from 0) and stream KV caches / memories to disk."""
+    model, dev = lm.model, lm.device
+    n, T = len(offsets) - 1, int(offsets[-1])
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    key_cap = HiddenCapture(model, memory_layer) if memories else None
+    val_cap = (HiddenCapture(model, memory_value_layer)
+               if memories and memory_value_layer is not None and str(memory_value_layer) != str(memory_layer) else None)
+    out: dict[str, Any] = {"kv": None, "memories": None}
+    kv_arrays: list[np.ndarray] = []
+    mem_keys = mem_vals = None
+    H = lm.hidden_size
+    if memories:
+        mem_keys = np.lib.format.open_memmap(tmp / "memory_keys.npy", mode="w+", dtype=memory_dtype, shape=(T, H))
+        if val_cap is not None:
+            mem_vals = np.lib.format.open_memmap(tmp / "memory_values.npy", mode="w+", dtype=memory_dtype,
+                                                 shape=(T, H))
+    # chunks of equal length batch without padding waste: process in length order, write in place
+    lengths = np.diff(offsets)
+    order = np.argsort(-lengths, kind="stable")
+    it = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="latent (LM forward)", unit="batch", total=-(-n // batch_size))
+    caps = [c for c in (key_cap, val_cap) if c is not None]
+    for c in caps:
+        c.attach()
+    try:
+        with torch.inference_mode():
+            for b in it:
+                sel = order[b:b + batch_size]
+                L = int(lengths[sel].max())
+                ids = torch.full((len(sel), L), pad, dtype=torch.long)
+                mask = torch.zeros((len(sel), L), dtype=torch.long)
+                for r, c in enumerate(sel):
+                    x = np.asarray(tokens[offsets[c]:offsets[c + 1]], dtype=np.int64)
+                    ids[r, :len(x)] = torch.from_numpy(x)
+                    mask[r, :len(x)] = 1
+                res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=kv)
+                if kv:
+                    layers = cache_layers(res.past_key_values)
+                    if not kv_arrays:
+                        (tmp / "kv").mkdir()
+                        for li, (kk, _) in enumerate(layers):
+                            kv_arrays.append(np.lib.format.open_memmap(
+                                tmp / "kv" / f"layer{li:03d}.npy", mode="w+", dtype=kv_dtype,
+                                shape=(T, 2, kk.shape[1], kk.shape[3])))
+                    for li, (kk, vv) in enumerate(layers):
+                        both = torch.stack([kk, vv], 1).transpose(2, 3).float().cpu().numpy()  # [B, 2, L, h, d]
+                        for r, c in enumerate(sel):
+                            s, e = offsets[c], offsets[c + 1]
+                            kv_arrays[li][s:e] = both[r, :, :e - s].transpose(1, 0, 2, 3)
+                if memories:
+                    hk = key_cap.hidden.float().cpu().numpy()
+                    hv = val_cap.hidden.float().cpu().numpy() if val_cap is not None else None
+                    for r, c in enumerate(sel):
+                        s, e = offsets[c], offsets[c + 1]
+                        mem_keys[s:e] = hk[r, :e - s]
+                        if hv is not None:
+                            mem_vals[s:e] = hv[r, :e - s]
+    finally:
+        for c in caps:
+            c.detach()
+    if kv:
+        specs = []
+        for li, a in enumerate(kv_arrays):
+            a.flush()
+            specs.append(base.array_spec(f"kv/layer{li:03d}.npy", a.shape, kv_dtype))
+        out["kv"] = {"layers": specs, "num_layers": len(specs), "kv_heads": specs[0]["shape"][2],
+                     "head_dim": specs[0]["shape"][3], "dtype": kv_dtype,
+                     "positions": "each chunk alone from position 0 (keys rotated for 0..L-1)"}
+        del kv_arrays
+    if memories:
+        mem_keys.flush()
+        out["memories"] = {"layer": _layer_name(memory_layer),
+                           "value_layer": _layer_name(memory_value_layer if val_cap is not None else memory_layer),
+                           "keys": base.array_spec("memory_keys.npy", (T, H), memory_dtype),
+                           "values": base.array_spec("memory_values.npy", (T, H), memory_dtype) if val_cap else None,
+                           "dtype": memory_dtype}
+        if mem_vals is not None:
+            mem_vals.flush()
+        del mem_keys, mem_vals
+    return out
+
+
+def _resolve(lm, corpus_ds, corpus_name, *, kv, memories, memory_layer, memory_value_layer, kv_dtype, memory_dtype,
+             shard, num_shards, **chunk_kw):
+    if lm is None:
+        raise ValueError("the latent datastore is built with the LM itself: a model is needed")
+    if not kv and not memories:
+        raise ValueError("latent datastore with kv=false and memories=false would hold nothing; enable one")
+    for name, dt in (("kv_dtype", kv_dtype), ("memory_dtype", memory_dtype)):
+        if dt not in ("float16", "float32"):
+            raise ValueError(f"{name}={dt!r}: choose float16 or float32")
+    if memories:
+        from rcd.hooks import resolve_layer
+
+        resolve_layer(lm.model, memory_layer)  # fails early on a bad layer
+        if memory_value_layer is not None:
+            resolve_layer(lm.model, memory_value_layer)
+    chunker, enc, sh, espec = resolve_parts(lm, corpus_ds, corpus_name, shard=shard, num_shards=num_shards, **chunk_kw)
+    ident = base.model_identity(lm)
+    spec = {"unit": "latent", "entries": espec, "model": ident["source"], "tokenizer": ident["tokenizer"],
+            "hidden_size": ident["hidden_size"], "kv": bool(kv), "kv_dtype": kv_dtype if kv else None,
+            "memories": bool(memories), "memory_layer": _layer_name(memory_layer) if memories else None,
+            "memory_value_layer": (_layer_name(memory_value_layer) if memories and memory_value_layer is not None
+                                   else None), "memory_dtype": memory_dtype if memories else None}
+    return chunker, enc, sh, espec, spec
+
+
+def _folder(root, corpus_name, lm, sh, spec) -> tuple[Path, bool]:
+    fp = base.fingerprint(spec)
+    found = base.find_existing(root, fp)
+    if found is not None:
+        return found, True
+    return Path(root) / base.folder_name("latent", shard_label(corpus_name, sh), lm.name, fp), False
+
+
+def _manifest(spec, lm, files, latents, timer, extra=None) -> dict:
+    return {"format": base.FORMAT, "unit": "latent", "fingerprint": base.fingerprint(spec), "spec": spec,
+            "model": base.model_identity(lm), "size": files["size"], "tokens": files["tokens"],
+            "chunk_tokens": files["chunk_tokens"], "chunk_token_offsets": files["chunk_token_offsets"],
+            "text": "text", **latents, "build_seconds": round(timer.seconds, 2), **(extra or {})}
+
+
+def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, chunking: str = "tokens", chunk_size: int = 64,
+                  overlap: int = 0, kv: bool = True, memories: bool = True, memory_layer: Union[int, str] = -2,
+                  memory_value_layer: Union[int, str, None] = None, kv_dtype: str = "float16",
+                  memory_dtype: str = "float16", retriever: str = "dense", encoder="minilm",
+                  index_factory: str = "Flat", metric: str = "ip", memory_index_factory: str = "Flat",
+                  memory_metric: str = "ip", rrf_k: int = 60, batch_size: int = 8, encoder_batch_size: int = 64,
+                  max_chunks: Optional[int] = None, progress: bool = True, shard: Optional[int] = None,
+                  num_shards: Optional[int] = None, key_dtype: str = "float32", nprobe: int = 32,
+                  ef_search: int = 128, use_gpu=None, candidates: int = 100, **unused) -> LatentDatastore:
+    """Reuse the latent datastore with the same fingerprint under ``root`` or build it."""
+    if root is None:
+        from rcd.paths import cache_dir
+
+        root = cache_dir("datastores")
+    chunk_kw = dict(chunking=chunking, chunk_size=chunk_size, overlap=overlap, retriever=retriever, encoder=encoder,
+                    max_chunks=max_chunks, key_dtype=key_dtype)
+    lat_kw = dict(kv=kv, memories=memories, memory_layer=memory_layer, memory_value_layer=memory_value_layer,
+                  kv_dtype=kv_dtype, memory_dtype=memory_dtype)
+    chunker, enc, sh, espec, spec = _resolve(lm, corpus_ds, corpus_name, shard=shard, num_shards=num_shards,
+                                             **lat_kw, **chunk_kw)
+    folder, exists = _folder(root, corpus_name, lm, sh, spec)
+    if not exists:
+        timer = base.Timer()
+        max_len = getattr(lm.model.config, "max_position_embeddings", None)
+        with base.atomic_folder(folder) as tmp:
+            sink = _TokenSink(tmp, lm.tokenizer, max_len)
+            ChunkDatastore.build(corpus_ds, tmp / "text", espec, chunker, retriever=retriever, encoder=enc,
+                                 rows=shard_rows(len(corpus_ds), sh), batch_size=encoder_batch_size,
+                                 key_dtype=key_dtype, max_chunks=max_chunks, progress=progress, lm=lm,
+                                 on_chunks=sink)
+            tok_spec, off_spec = sink.close()
+            tokens = base.open_array(tmp, tok_spec)
+            offsets = np.asarray(base.open_array(tmp, off_spec))
+            latents = write_latents(tmp, lm, tokens, offsets, kv=kv, memories=memories, memory_layer=memory_layer,
+                                    memory_value_layer=memory_value_layer, kv_dtype=kv_dtype,
+                                    memory_dtype=memory_dtype, batch_size=batch_size, progress=progress)
+            del tokens
+            files = {"size": len(offsets) - 1, "tokens": int(offsets[-1]), "chunk_tokens": tok_spec,
+                     "chunk_token_offsets": off_spec}
+            base.write_json_atomic(tmp / "manifest.json", _manifest(spec, lm, files, latents, timer))
+        log.info("built latent datastore %s in %.1fs", folder, timer.seconds)
+    return LatentDatastore.load(folder, lm, encoder=enc, index_factory=index_factory, metric=metric,
+                                memory_index_factory=memory_index_factory, memory_metric=memory_metric,
+                                nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu, rrf_k=rrf_k,
+                                candidates=candidates, progress=progress)
+
+
+def merge_shards(lm, corpus_ds, corpus_name: str, root: Path, *, num_shards: int, chunking="tokens", chunk_size=64,
+                 overlap=0, kv=True, memories=True, memory_layer=-2, memory_value_layer=None, kv_dtype="float16",
+                 memory_dtype="float16", retriever="dense", encoder="minilm", index_factory="Flat", metric="ip",
+                 memory_index_factory="Flat", memory_metric="ip", rrf_k=60, max_chunks=None, progress=True,
+                 key_dtype="float32", nprobe=32, ef_search=128, use_gpu=None, candidates=100, shard=None,
+                 **unused) -> LatentDatastore:
+    """Merge latent shards: text sub-folders, token arrays, KV layers and memories concatenated."""
+    if root is None:
+        from rcd.paths import cache_dir
+
+        root = cache_dir("datastores")
+    chunk_kw = dict(chunking=chunking, chunk_size=chunk_size, overlap=overlap, retriever=retriever, encoder=encoder,
+                    max_chunks=max_chunks, key_dtype=key_dtype)
+    lat_kw = dict(kv=kv, memories=memories, memory_layer=memory_layer, memory_value_layer=memory_value_layer,
+                  kv_dtype=kv_dtype, memory_dtype=memory_dtype)
+    chunker, enc, _, espec, spec = _resolve(lm, corpus_ds, corpus_name, shard=None, num_shards=None, **lat_kw,
+                                            **chunk_kw)
+    folder, exists = _folder(root, corpus_name, lm, None, spec)
+    if not exists:
+        parts = []
+        for i in range(int(num_shards)):
+            sspec = _resolve(lm, corpus_ds, corpus_name, shard=i, num_shards=num_shards, **lat_kw, **chunk_kw)[4]
+            parts.append(shards.require_shard(root, sspec, "latent", i, num_shards))
+        manifests = [base.read_manifest(p) for p in parts]
+        timer = base.Timer()
+        with base.atomic_folder(folder) as tmp:
+            merge_chunk_folders([p / "text" for p in parts], tmp / "text", espec, chunker_spec=chunker.spec(),
+                                retriever=retriever, encoder=enc, progress=progress, lm=lm)
+            tok_spec = shards.concat_array(parts, "chunk_tokens", tmp)
+            offs = NpyAppender(tmp / "chunk_token_offsets.npy", np.int64)
+            offs.append([0])
+            total = 0
+            for p, m in zip(parts, manifests):
+                o = np.asarray(base.open_array(p, m["chunk_token_offsets"]))
+                offs.append(o[1:] + total)
+                total += int(o[-1])
+            off_spec = offs.close()
+            latents: dict[str, Any] = {"kv": None, "memories": None}
+            if kv:
+                (tmp / "kv").mkdir()
+                layer_specs = []
+                for li in range(manifests[0]["kv"]["num_layers"]):
+                    sub = [{"layer": m["kv"]["layers"][li]} for m in manifests]
+                    layer_specs.append(_concat_specs(parts, sub, "layer", tmp))
+                latents["kv"] = {**manifests[0]["kv"], "layers": layer_specs}
+            if memories:
+                mem = dict(manifests[0]["memories"])
+                mem["keys"] = _concat_specs(parts, [m["memories"] for m in manifests], "keys", tmp)
+                if mem.get("values"):
+                    mem["values"] = _concat_specs(parts, [m["memories"] for m in manifests], "values", tmp)
+                latents["memories"] = mem
+            files = {"size": sum(m["size"] for m in manifests), "tokens": total, "chunk_tokens": tok_spec,
+                     "chunk_token_offsets": off_spec}
+            base.write_json_atomic(tmp / "manifest.json", _manifest(spec, lm, files, latents, timer,
+                                                                    {"merged_from": [p.name for p in parts]}))
+    return LatentDatastore.load(folder, lm, encoder=enc, index_factory=index_factory, metric=metric,
+                                memory_index_factory=memory_index_factory, memory_metric=memory_metric,
+                                nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu, rrf_k=rrf_k,
+                                candidates=candidates, progress=progress)
+
+
+def _concat_specs(parts: list[Path], holders: list[dict], key: str, tmp: Path) -> dict:
+    """Concatenate the arrays ``holders[j][key]`` of part j into ``tmp`` (same relative file name)."""
+    specs = [h[key] for h in holders]
+    arrays = [base.open_array(p, s) for p, s in zip(parts, specs)]
+    out = NpyAppender(tmp / specs[0]["file"], arrays[0].dtype, arrays[0].shape[1:])
+    for a in arrays:
+        for s in range(0, a.shape[0], shards.BLOCK):
+            out.append(np.asarray(a[s:s + shards.BLOCK]))
+    spec = out.close()
+    spec["file"] = specs[0]["file"]
+    return spec
