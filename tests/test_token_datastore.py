@@ -136,3 +136,18 @@ def test_approximate_index_by_factory_string(tiny_lm, tmp_path):
     assert ds.search(q, 1).ids[0, 0].item() == 7
     with pytest.raises(ValueError, match="index_factory"):
         build_or_load(tiny_lm, corpus(), "toy", tmp_path, index_factory="NotAnIndex", progress=False)
+
+
+def test_rerank_gives_exact_distances_for_compressed_index(tiny_lm, tmp_path):
+    texts = TEXTS * 4
+    approx = build_or_load(tiny_lm, corpus(texts), "toy", tmp_path, key_dtype="float32", index_factory="PQ4",
+                           max_tokens=None, progress=False)
+    exact = build_or_load(tiny_lm, corpus(texts), "toy", tmp_path, key_dtype="float32", index_factory="PQ4",
+                          max_tokens=None, rerank=True, progress=False)
+    q = torch.randn(3, 32)
+    a, e = approx.search(q, 5), exact.search(q, 5)
+    assert torch.equal(a.ids, e.ids)
+    keys = np.asarray(exact.keys)
+    ref = ((keys[e.ids.numpy()] - q.numpy()[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(e.scores.numpy(), ref, rtol=1e-5)
+    assert not np.allclose(a.scores.numpy(), ref, rtol=1e-3)  # PQ distances were approximate

@@ -75,7 +75,7 @@ class TokenDatastore:
     unit = "tokens"
 
     def __init__(self, folder: Path, manifest: dict, keys: np.ndarray, values: np.ndarray, index,
-                 metric: str, device: torch.device):
+                 metric: str, device: torch.device, rerank: bool = False):
         self.folder = Path(folder)
         self.manifest = manifest
         self.keys = keys
@@ -84,6 +84,7 @@ class TokenDatastore:
         self.index = index
         self.metric = metric
         self.device = device
+        self.rerank = rerank
 
     def __len__(self) -> int:
         return int(self.manifest["size"])
@@ -159,7 +160,7 @@ class TokenDatastore:
     # ------------------------------------------------------------------ load
     @classmethod
     def load(cls, folder: Path, lm, *, index_factory: str = "Flat", metric: str = "l2", nprobe: int = 32,
-             ef_search: int = 128, use_gpu: Optional[bool] = None) -> "TokenDatastore":
+             ef_search: int = 128, use_gpu: Optional[bool] = None, rerank: bool = False) -> "TokenDatastore":
         folder = Path(folder)
         manifest = base.read_manifest(folder)
         if manifest.get("unit") != "tokens":
@@ -169,7 +170,7 @@ class TokenDatastore:
         values = base.open_array(folder, manifest["values"])
         index = load_or_build_index(folder, keys, index_factory, metric, nprobe=nprobe, ef_search=ef_search,
                                     use_gpu=use_gpu)
-        return cls(folder, manifest, keys, values, index, metric, lm.device)
+        return cls(folder, manifest, keys, values, index, metric, lm.device, rerank=rerank)
 
     # ---------------------------------------------------------------- search
     def search(self, queries: torch.Tensor, k: int) -> Neighbours:
@@ -184,8 +185,32 @@ class TokenDatastore:
         missing = ids < 0
         if missing.any():  # approximate indexes can return fewer than k hits
             scores = scores.masked_fill(missing, float("inf") if self.metric == "l2" else float("-inf"))
+        if self.rerank:
+            scores = self._exact_scores(q, I, scores)
         tokens = self.values[ids.clamp_min(0).to(self.values.device)].to(queries.device)
         return Neighbours(scores=scores, ids=ids, tokens=tokens, metric=self.metric)
+
+    def _exact_scores(self, q: np.ndarray, I: np.ndarray, approx: torch.Tensor, block: int = 64) -> torch.Tensor:
+        """Exact distances (or inner products) of the returned hits, from the stored keys.
+
+        Compressed indexes (PQ, SQ) return approximate distances; kNN-LM puts them in a softmax,
+        so re-scoring the k hits with the real keys keeps p_kNN equal to exact search on the
+        same neighbours. Reads N·k keys from the memory-mapped key file.
+        """
+        out = approx.clone()
+        for s in range(0, I.shape[0], block):
+            ii = I[s:s + block]
+            valid = ii >= 0
+            flat = np.where(valid, ii, 0).reshape(-1)
+            order = np.argsort(flat, kind="stable")  # sorted reads are kinder to the page cache
+            k = np.empty((flat.size, self.keys.shape[1]), dtype=np.float32)
+            k[order] = self.keys[flat[order]]
+            k = k.reshape(ii.shape[0], ii.shape[1], -1)
+            qq = q[s:s + block, None, :]
+            exact = ((k - qq) ** 2).sum(-1) if self.metric == "l2" else (k * qq).sum(-1)
+            exact = np.where(valid, exact, np.inf if self.metric == "l2" else -np.inf)
+            out[s:s + block] = torch.from_numpy(exact.astype(np.float32)).to(out.device)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"unit": "tokens", "size": len(self), "folder": str(self.folder),
@@ -195,7 +220,7 @@ class TokenDatastore:
 
 def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, layer="final", max_tokens=100_000, window=512,
                   stride=None, batch_size=8, key_dtype="float16", index_factory="Flat", metric="l2", nprobe=32,
-                  ef_search=128, use_gpu=None, progress=True, **unused) -> TokenDatastore:
+                  ef_search=128, use_gpu=None, rerank=False, progress=True, **unused) -> TokenDatastore:
     """Reuse the datastore with the same fingerprint under ``root`` or build it."""
     from rcd.corpus import fingerprint as corpus_fingerprint
 
@@ -212,4 +237,4 @@ def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, layer="final",
                              window=window, stride=stride, batch_size=batch_size, key_dtype=key_dtype,
                              progress=progress)
     return TokenDatastore.load(folder, lm, index_factory=index_factory, metric=metric, nprobe=nprobe,
-                               ef_search=ef_search, use_gpu=use_gpu)
+                               ef_search=ef_search, use_gpu=use_gpu, rerank=rerank)
