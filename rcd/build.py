@@ -1,0 +1,130 @@
+"""``python -m rcd.build datastore=<unit> corpus=<corpus>``: build (or find) one datastore and report its cost.
+
+The datastore is built by the ``_target_`` of ``conf/datastore/<unit>.yaml`` through
+:func:`rcd.strategy.call_target` — the same ``build_or_load`` call ``rcd.run`` makes — so the
+folder (named by its fingerprint) is the one a run will reuse. The LM is loaded only when the
+unit needs it (tokens, latent, or chunks/tags with ``chunking=tokens``).
+
+Sharding: ``datastore.shard=i datastore.num_shards=n`` builds shard i of n (contiguous corpus
+rows, see :mod:`rcd.datastore.shards`) into its own folder; ``+merge=true datastore.num_shards=n``
+merges the n finished shards into the folder of the unsharded datastore. (The token unit's
+config has no shard keys: add them with ``+datastore.shard=i +datastore.num_shards=n``.)
+
+Prints a summary: entries, bytes on disk, seconds, index type, peak resident memory of this
+process (``resource.getrusage``, includes the model and encoder), and whether the datastore was
+built or reused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("rcd.build")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def _existing(root: Path) -> set[str]:
+    return {p.name for p in Path(root).iterdir()} if Path(root).is_dir() else set()
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Build (or reuse) ``cfg.datastore`` for ``cfg.corpus`` and return the summary dict."""
+    from rcd.datastore import registry
+    from rcd.datastore.shards import shard_corpus
+    from rcd.paths import cache_dir
+    from rcd.strategy import call_target
+
+    node = cfg.get("datastore")
+    if node is None or not node.get("_target_"):
+        raise ValueError("no datastore chosen: add datastore=<tokens|chunks|tags|latent>")
+    unit = str(node.get("unit"))
+    params = OmegaConf.to_container(node, resolve=True)
+    merge = bool(cfg.get("merge", False))
+    if merge and not params.get("num_shards"):
+        raise ValueError("+merge=true needs datastore.num_shards=<n> (the number of shards that were built)")
+    t0 = time.perf_counter()
+    lm = None
+    if registry.needs_model(unit, params):
+        from rcd.models import load_model
+
+        lm = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
+    t_model = time.perf_counter() - t0
+    corpus_ds = instantiate(cfg.corpus.datastore)
+    corpus_name = str(cfg.corpus.name)
+    root = Path(cfg.datastore_root) if cfg.get("datastore_root") else cache_dir("datastores")
+    before = _existing(root)
+    t1 = time.perf_counter()
+    progress = bool(cfg.get("progress", True))
+    if merge:
+        params.pop("_target_")
+        store = registry.merge_function(unit)(lm, corpus_ds, corpus_name, root, progress=progress, **params)
+    elif unit == "tokens" and (params.get("shard") is not None or params.get("num_shards") is not None):
+        # the token unit's build_or_load knows nothing of shards: give it the shard's rows
+        sub, label = shard_corpus(corpus_ds, corpus_name, params.get("shard"), params.get("num_shards"))
+        node = node.copy()
+        with open_dict(node):
+            node.pop("shard", None)
+            node.pop("num_shards", None)
+        store = call_target(node, lm=lm, corpus_ds=sub, corpus_name=label, root=root, progress=progress)
+    else:
+        store = call_target(node, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=root, progress=progress)
+    seconds = time.perf_counter() - t1
+    info = store.describe()
+    summary = {
+        "unit": unit, "corpus": corpus_name, "corpus_rows": len(corpus_ds),
+        "model": lm.name if lm is not None else None,
+        "status": "reused" if Path(info["folder"]).name in before else ("merged" if merge else "built"),
+        "entries": info["size"], "bytes": info["bytes"], "mib": round(info["bytes"] / 2 ** 20, 2),
+        "seconds": round(seconds, 2), "model_load_seconds": round(t_model, 2), "index": info.get("index"),
+        "peak_rss_mib": round(peak_rss_mb(), 1), "folder": info["folder"],
+        "shard": params.get("shard") if not merge else None, "num_shards": params.get("num_shards"),
+        "describe": info,
+    }
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    rows = [("datastore", f"{s['unit']} ({s['status']})"), ("corpus", f"{s['corpus']} ({s['corpus_rows']} rows)"),
+            ("entries", f"{s['entries']:,}"), ("size", f"{s['mib']:,} MiB ({s['bytes']:,} bytes)"),
+            ("seconds", f"{s['seconds']} (+{s['model_load_seconds']} model load)"), ("index", str(s["index"])),
+            ("peak RSS", f"{s['peak_rss_mib']:,} MiB"), ("folder", s["folder"])]
+    if s.get("num_shards"):
+        rows.insert(1, ("shard", "merged" if s["shard"] is None else f"{s['shard']} of {s['num_shards']}"))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"[rcd.build] {k.ljust(w)}  {v}" for k, v in rows)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="build")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO)
+    from hydra.errors import InstantiationException
+
+    from rcd.datastore.base import DatastoreError
+
+    try:
+        summary = build(cfg)
+    except (ValueError, DatastoreError, FileNotFoundError, InstantiationException) as e:  # user-facing errors
+        print(f"[rcd.build] error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_summary(summary))
+    print("[rcd.build] json " + json.dumps({k: v for k, v in summary.items() if k != "describe"}, default=str))
+    if cfg.get("summary_json"):
+        Path(cfg.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
