@@ -63,11 +63,13 @@ def execute(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     lm = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
     t_model = time.perf_counter() - t0
-    heldout = instantiate(cfg.corpus.heldout)
+    check_heldout = bool(cfg.task.get("check_heldout", True))  # false for tasks with their own data (QA)
+    heldout = instantiate(cfg.corpus.heldout) if check_heldout else None
     corpus_ds = None
     if cfg.get("datastore"):
         corpus_ds = instantiate(cfg.corpus.datastore)
-        check_disjoint(corpus_ds, heldout)
+        if check_heldout:
+            check_disjoint(corpus_ds, heldout)
     root = Path(cfg.datastore_root) if cfg.get("datastore_root") else cache_dir("datastores")
     t1 = time.perf_counter()
     strat = strategy_mod.build(cfg, lm, corpus_ds, corpus_name=cfg.corpus.name, datastore_root=root)

@@ -8,7 +8,7 @@ and refuses a cell that cannot work, naming the valid choices.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -27,6 +27,10 @@ class Strategy:
     datastore: Any = None
     control: Any = None
     schedule: Any = None
+    #: ``strategy.retrieval`` of the config (k, query, query_tokens, tag_format) for rcd.engine
+    retrieval: dict = field(default_factory=dict)
+    #: the rcd.engine.Engine that runs controls which need more than a logits processor
+    engine: Any = None
 
     @property
     def is_baseline(self) -> bool:
@@ -36,6 +40,8 @@ class Strategy:
         """The LogitsProcessor for ``model.generate`` (schedule applied per step)."""
         if self.control is None:
             return None
+        if self.engine is not None and self.engine.kind != "logits":
+            return self.engine.processor()  # context / REPLUG / tags / inject: the engine computes the scores
         if self.schedule is None or getattr(self.schedule, "name", "") == "every_token":
             return self.control
         return ScheduledControl(self.control, self.schedule)
@@ -106,11 +112,21 @@ def build(cfg: DictConfig, lm, corpus_ds=None, corpus_name: str = "corpus", data
     if control_cfg is None:
         return Strategy(name=name)
     ds_cfg = cfg.datastore
-    datastore = call_target(ds_cfg, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=datastore_root)
+    datastore = call_target(ds_cfg, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=datastore_root,
+                            progress=bool(cfg.get("progress", True)))
     control = instantiate(control_cfg)
     schedule_cfg = _section(cfg, "strategy.schedule")
     schedule = instantiate(schedule_cfg) if schedule_cfg is not None else None
     if schedule is not None and hasattr(schedule, "bind"):
         schedule.bind(lm.tokenizer)
-    control.bind(datastore=datastore)
-    return Strategy(name=name, datastore=datastore, control=control, schedule=schedule)
+    if hasattr(control, "bind"):
+        control.bind(datastore=datastore)
+    retrieval = _section(cfg, "strategy.retrieval")
+    strat = Strategy(name=name, datastore=datastore, control=control, schedule=schedule,
+                     retrieval=OmegaConf.to_container(retrieval, resolve=True) if retrieval is not None else {})
+    from rcd.engine import control_kind, from_config
+
+    if control_kind(control) != "logits":
+        strat.engine = from_config(lm, strat, cfg, task=str(OmegaConf.select(cfg, "task.name") or "generate"))
+        control.engine = strat.engine  # lets rcd.tasks.perplexity.score (given the control) reach the engine
+    return strat

@@ -69,7 +69,15 @@ def windows(n: int, window: int, stride: int):
 @torch.inference_mode()
 def score(lm, token_ids: torch.Tensor, control=None, schedule=None, *, window: int = 512, stride: int = 256,
           capture_layer="final") -> PerplexityResult:
-    """Per-token NLL of ``token_ids`` [n] under the plain model and under ``control`` (if given)."""
+    """Per-token NLL of ``token_ids`` [n] under the plain model and under ``control`` (if given).
+
+    Controls that need retrieved evidence in the prompt, the cache or the processor (context,
+    REPLUG, tags, inject; see :mod:`rcd.engine`) are scored by their strategy's engine. Schedule
+    steps are global positions of the text (position p is step p; its last token is x_p).
+    """
+    engine = getattr(control, "engine", None)
+    if engine is not None and engine.kind != "logits":
+        return engine.score(token_ids, window=window, stride=stride)
     model, dev = lm.model, lm.device
     ids = token_ids.to(dev).view(-1)
     n = ids.numel()
@@ -79,6 +87,8 @@ def score(lm, token_ids: torch.Tensor, control=None, schedule=None, *, window: i
     t_model = t_ctl = 0.0
     fired = 0
     capture = HiddenCapture(model, capture_layer) if control is not None else None
+    if schedule is not None:
+        schedule.reset(1, device=dev)
     if capture is not None:
         capture.attach()
     try:
@@ -97,8 +107,10 @@ def score(lm, token_ids: torch.Tensor, control=None, schedule=None, *, window: i
                 hidden = capture.hidden[0][rows]
                 fire = None
                 if schedule is not None:
-                    probs = torch.softmax(sc, -1).unsqueeze(0) if schedule.needs_probs else None
-                    fire = schedule.fire_mask(probs, x[:, rows.start:rows.stop])[0]
+                    probs = torch.softmax(sc, -1) if schedule.needs_probs else None
+                    fire = torch.stack([schedule.should_fire(p, None if probs is None else probs[p - first:p - first + 1],
+                                                             ids[p].view(1) if p > 0 else None)[0]
+                                        for p in range(first, end - 1)]).to(sc.device)
                     fire = None if bool(fire.all()) else fire
                 lp = control.apply(sc, input_ids=None, hidden=hidden, fire=fire)
                 fired += int(fire.sum()) if fire is not None else sc.shape[0]

@@ -1,0 +1,170 @@
+"""Short-answer QA: exact match and token F1 of answers decoded by the engine, with and without retrieval.
+
+Questions come from a jsonl file (``task.path``; fields mapped by ``question_field``,
+``answers_field``, ``gold_field``, ``id_field``), optionally filtered (``task.filter``: field ->
+value or list of values) and sampled (``n`` examples, ``seed``; kept in file order). Each question
+becomes the user message ``prompt.format(question=..., instruction=...)`` under the task's
+template (chat template when the model has one) and is decoded greedily by
+:class:`rcd.engine.Engine` for ``max_new_tokens``. The step-0 retrieval query is the question.
+
+Prediction: the first line of the generated text; with ``answer_regex`` the first match of the
+regex in it (e.g. the first 1-4 digit number for years), else that line. Metrics (0-1):
+
+* ``exact_match`` / ``f1`` — :func:`rcd.metrics.load_metric` ("exact_match", "token_f1") over the
+  predictions; ``exact_match_raw`` on the unextracted first line;
+* ``recall`` — recall@k (:func:`rcd.metrics.recall_at_k`) of the gold passage in the first
+  retrieval of each question, over the questions that retrieved (``None`` if none did, or if the
+  datastore returns no passage ids, e.g. tags / memories);
+* ``retrieval_rate`` — row retrievals / decoding steps; ``retrievals_per_question``;
+* ``tokens_per_second``, ``time_to_first_token`` (mean over batches) from the engine's cost.
+
+``baseline: true`` also decodes without retrieval in the same process (``metrics.none``).
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from rcd.engine import Engine, Request, from_config
+from rcd.metrics import bootstrap_ci, load_metric, recall_at_k
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class QAError(ValueError):
+    pass
+
+
+def resolve_path(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    if not p.is_absolute() and (REPO / p).exists():
+        return REPO / p
+    hint = " (make it with `python scripts/make_wordnet_qa.py`)" if "wordnet" in str(path) else ""
+    raise QAError(f"QA file {path!r} does not exist{hint}")
+
+
+def load_examples(path: str, *, question_field: str = "question", answers_field: str = "answers",
+                  gold_field: Optional[str] = "gold_id", id_field: Optional[str] = "id", n: Optional[int] = None,
+                  seed: int = 0, filter: Optional[dict] = None) -> list[dict]:
+    """Read, filter and sample QA records as ``{id, question, answers, gold}`` (file order kept)."""
+    rows = []
+    with resolve_path(path).open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                rows.append(json.loads(line))
+    if not rows:
+        raise QAError(f"QA file {path!r} is empty")
+    for field in [question_field, answers_field] + ([gold_field] if gold_field else []):
+        if field not in rows[0]:
+            raise QAError(f"QA file {path!r} has no field {field!r}; fields: {sorted(rows[0])}")
+    for key, want in (filter or {}).items():
+        allowed = set(want) if isinstance(want, (list, tuple)) else {want}
+        rows = [r for r in rows if r.get(key) in allowed]
+        if not rows:
+            raise QAError(f"no QA example has {key} in {sorted(map(str, allowed))}")
+    if n is not None and int(n) < len(rows):
+        keep = sorted(random.Random(int(seed)).sample(range(len(rows)), int(n)))
+        rows = [rows[i] for i in keep]
+    out = []
+    for i, r in enumerate(rows):
+        answers = r[answers_field]
+        answers = [str(a) for a in (answers if isinstance(answers, (list, tuple)) else [answers])]
+        out.append({"id": str(r[id_field]) if id_field and id_field in r else str(i), "question": str(r[question_field]),
+                    "answers": answers, "gold": r.get(gold_field) if gold_field else None})
+    return out
+
+
+def extract_answer(text: str, regex: Optional[str] = None) -> str:
+    """First non-empty line of ``text``; with ``regex``, its first match there (whole line if none)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else ""
+    if regex:
+        m = re.search(regex, line)
+        if m:
+            return m.group(0)
+    return line
+
+
+def decode_split(engine: Engine, examples: list[dict], t) -> dict[str, Any]:
+    """Decode every example with ``engine``; metrics (see module doc) and per-example records."""
+    instruction = t.get("instruction") or ""
+    fmt = t.get("prompt") or "{question}\n{instruction}"
+    reqs = [Request(prompt=fmt.format(question=ex["question"], instruction=instruction).strip(), query=ex["question"],
+                    id=ex["id"]) for ex in examples]
+    out = engine.generate(reqs)
+    regex = t.get("answer_regex")
+    preds = [extract_answer(x, regex) for x in out.texts]
+    raw = [extract_answer(x, None) for x in out.texts]
+    refs = [ex["answers"] for ex in examples]
+    em = load_metric("exact_match").compute(predictions=preds, references=refs)
+    f1 = load_metric("token_f1").compute(predictions=preds, references=refs)
+    em_raw = load_metric("exact_match").compute(predictions=raw, references=refs)
+    k = int(t.get("recall_k") or engine.k)
+    first: dict[int, list[str]] = {}
+    for rec in out.provenance:
+        if "doc_ids" in rec and rec.get("event") is None and rec["row"] not in first:
+            first[rec["row"]] = [d for d, i in zip(rec["doc_ids"], rec["ids"]) if i >= 0]
+    rows = [i for i in range(len(examples)) if i in first and examples[i]["gold"] is not None]
+    recall = recall_at_k([first[i] for i in rows], [examples[i]["gold"] for i in rows], k) if rows else None
+    cost = out.cost
+    mean, lo, hi = bootstrap_ci(em["scores"])
+    metrics = {
+        "exact_match": em["exact_match"], "exact_match_ci": [lo, hi], "f1": f1["token_f1"],
+        "exact_match_raw": em_raw["exact_match"], "recall": recall, "recall_k": k, "recall_n": len(rows),
+        "retrieval_rate": cost["retrieval_rate"], "retrievals_per_question": cost["retrievals"] / len(examples),
+        "tokens_per_second": cost["tokens_per_s"], "time_to_first_token": cost["ttft"],
+        "questions": len(examples), "cost": cost,
+    }
+    per_example = [{"id": ex["id"], "question": ex["question"], "answers": ex["answers"], "gold": ex["gold"],
+                    "output": txt, "prediction": p, "em": e, "f1": f, "retrieved": first.get(i, [])}
+                   for i, (ex, txt, p, e, f) in enumerate(zip(examples, out.texts, preds, em["scores"], f1["scores"]))]
+    return {"metrics": metrics, "examples": per_example, "provenance": out.provenance}
+
+
+def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
+    """QA task entry point (``task._target_: rcd.tasks.qa.run``); ``heldout_ds`` is not used."""
+    t = cfg.task
+    examples = load_examples(t.path, question_field=t.question_field, answers_field=t.answers_field,
+                             gold_field=t.get("gold_field"), id_field=t.get("id_field"), n=t.get("n"),
+                             seed=int(t.get("seed", cfg.get("seed", 0))), filter=t.get("filter"))
+    common = dict(max_new_tokens=int(t.max_new_tokens), batch_size=int(t.get("batch_size", 8)))
+    results: dict[str, Any] = {}
+    if t.get("baseline", True) and not strategy.is_baseline:
+        plain = from_config(lm, None, cfg, task="qa", provenance=[], **common)
+        results["none"] = decode_split(plain, examples, t)
+    engine = from_config(lm, strategy if not strategy.is_baseline else None, cfg, task="qa", provenance=provenance,
+                         **common)
+    main = decode_split(engine, examples, t)
+    sched = getattr(strategy, "schedule", None)
+    metrics: dict[str, Any] = {"qa": main["metrics"]}
+    if "none" in results:
+        metrics["none"] = results["none"]["metrics"]
+    if sched is not None and hasattr(sched, "stats"):
+        metrics["schedule"] = sched.stats()
+    pe = main["examples"]
+    return {"metrics": metrics, "per_example": {"em": [x["em"] for x in pe], "f1": [x["f1"] for x in pe],
+                                                "examples": pe},
+            "samples": {"none": [x["output"] for x in results["none"]["examples"]] if "none" in results else [],
+                        strategy.name: [x["output"] for x in pe]}}
+
+
+def summary_rows(strategy_name: str, res: dict, datastore_size) -> list[list[str]]:
+    """Rows for ``rcd.run``'s table: the closed-book baseline (when run) and the strategy."""
+    def row(name, q):
+        rec = "-" if q.get("recall") is None else f"{q['recall']:.3f}"
+        ttft = "-" if q.get("time_to_first_token") is None else f"{q['time_to_first_token']:.3f}"
+        return [name, f"{q['exact_match']:.3f}", f"{q['f1']:.3f}", rec, f"{q['retrieval_rate']:.3f}",
+                f"{q['tokens_per_second']:.1f}", ttft]
+
+    m = res["metrics"]
+    rows = [["strategy", "exact match", "F1", f"recall@{m['qa'].get('recall_k', '-')}", "retrieval rate",
+             "tok/s", "time to 1st tok (s)"]]
+    if "none" in m:
+        rows.append(row("none", m["none"]))
+    rows.append(row(strategy_name, m["qa"]))
+    return rows

@@ -1,0 +1,306 @@
+"""The decoding engine: cache handling, schedules firing on the right steps, context re-prefill,
+REPLUG, cost/provenance, the model.generate adapter and perplexity scoring with retrieval."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from rcd.control.context import ContextControl, Passage, PromptTemplate
+from rcd.control.knn import KNNInterpolation
+from rcd.control.replug import ReplugEnsemble
+from rcd.engine import Engine, EngineError, Request, control_kind
+from rcd.schedule import Adaptive, EveryN, Once, Sentence
+from rcd.strategy import Strategy
+from rcd.tasks.perplexity import score
+
+
+@dataclass
+class FakeHits:
+    ids: torch.Tensor
+    scores: torch.Tensor
+    texts: list
+    doc_ids: list
+
+
+class FakeChunks:
+    """ChunkDatastore stand-in: score = number of shared words (+ 0.01·index to break ties)."""
+
+    unit = "chunks"
+
+    def __init__(self, texts):
+        self.texts = list(texts)
+        self.queries: list[str] = []
+
+    def search(self, queries, k):
+        self.queries.extend(queries)
+        ids, sc, tx, di = [], [], [], []
+        for q in queries:
+            s = [len(set(q.split()) & set(t.split())) + 0.01 * j for j, t in enumerate(self.texts)]
+            order = sorted(range(len(s)), key=lambda j: -s[j])[:k]
+            ids.append(order)
+            sc.append([float(s[j]) for j in order])
+            tx.append([self.texts[j] for j in order])
+            di.append([f"d{j}" for j in order])
+        return FakeHits(torch.tensor(ids), torch.tensor(sc), tx, di)
+
+
+DOCS = ["the cat sat on the mat", "to be is to do", "hello there world", "a rose is a rose"]
+PROMPTS = ["hello world", "to be or not to be"]
+
+
+def ctx_strategy(schedule, k=2, control=None):
+    return Strategy("ctx", datastore=FakeChunks(DOCS), control=control or ContextControl(), schedule=schedule)
+
+
+def fresh_logprobs(lm, ids):
+    with torch.no_grad():
+        return torch.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+
+
+# --------------------------------------------------------------------------- plain decoding
+def test_plain_engine_matches_model_generate(tiny_lm):
+    tok, model = tiny_lm.tokenizer, tiny_lm.model
+    out = Engine(tiny_lm, None, max_new_tokens=8, stop_at_eos=False).generate(PROMPTS)
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    ref = model.generate(**enc, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.token_ids == ref[:, enc["input_ids"].shape[1]:].tolist()
+    assert out.cost["tokens"] == 16 and out.cost["retrievals"] == 0 and out.cost["ttft"] > 0
+    assert out.cost["tokens_per_s"] == pytest.approx(16 / out.cost["wall_s"])
+
+
+def test_every_step_equals_fresh_forward_of_the_full_prompt(tiny_lm):
+    """Cache continuation and re-prefill both reproduce a fresh forward pass on the full prompt."""
+    trace: list = []
+    eng = Engine(tiny_lm, ctx_strategy(EveryN(3)), k=2, max_new_tokens=7, stop_at_eos=False, trace=trace)
+    eng.generate(PROMPTS)
+    fired_steps = [r["step"] for r in trace if bool(r["fire"].any())]
+    assert fired_steps == [0, 3, 6]
+    for rec in trace:
+        for b, prompt in enumerate(PROMPTS):
+            text = eng.template.render(tiny_lm.tokenizer, prompt, rec["passages"][b])
+            ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"] + rec["gen"][b]
+            assert torch.allclose(rec["logprobs"][b], fresh_logprobs(tiny_lm, ids), atol=1e-4), rec["step"]
+
+
+def test_context_passages_follow_the_template(tiny_lm):
+    trace: list = []
+    tmpl = PromptTemplate(header="Context:\n", passage="[{rank}] {text}", joiner="\n", footer="\n\n")
+    eng = Engine(tiny_lm, ctx_strategy(Once()), template=tmpl, k=2, max_new_tokens=2, trace=trace)
+    eng.generate([Request("hello world")])
+    # "hello world" shares 2 words with doc 2, 0 with the others (doc 3 wins the tie on 0.03)
+    assert [p.doc_id for p in trace[0]["passages"][0]] == ["d2", "d3"]
+    assert eng.template.render(tiny_lm.tokenizer, "Q", trace[0]["passages"][0]) == \
+        "Context:\n[1] hello there world\n[2] a rose is a rose\n\nQ"
+
+
+# --------------------------------------------------------------------------- schedules in the engine
+def test_once_and_every_n_fire_on_exact_steps(tiny_lm):
+    for sched, want in [(Once(), [0]), (EveryN(4), [0, 4, 8])]:
+        st = ctx_strategy(sched)
+        out = Engine(tiny_lm, st, k=1, max_new_tokens=10, stop_at_eos=False).generate(PROMPTS)
+        steps = sorted({r["step"] for r in out.provenance})
+        assert steps == want
+        assert out.cost["retrievals"] == len(want) * 2
+        assert out.cost["retrieval_rate"] == pytest.approx(len(want) * 2 / 20)
+
+
+def test_sentence_schedule_fires_after_boundary_tokens(tiny_lm):
+    plain = Engine(tiny_lm, None, max_new_tokens=12, stop_at_eos=False).generate(PROMPTS)
+    # choose as boundary the character the model emits at step 3 of row 0: it must occur
+    boundary = tiny_lm.tokenizer.decode([plain.token_ids[0][3]])
+    assert len(boundary) == 1 and boundary.strip()
+    sched = Sentence(boundary=boundary, newline=False).bind(tiny_lm.tokenizer)
+    out = Engine(tiny_lm, ctx_strategy(sched), k=1, max_new_tokens=12, stop_at_eos=False).generate(PROMPTS)
+    for b in range(2):
+        got = sorted(r["step"] for r in out.provenance if r["row"] == b)
+        gen = out.token_ids[b]
+        want = [0] + [t for t in range(1, 12) if tiny_lm.tokenizer.decode([gen[t - 1]]) == boundary]
+        assert got == want
+    assert any(len([r for r in out.provenance if r["row"] == b]) > 1 for b in range(2))
+
+
+def test_adaptive_fires_where_confidence_is_low(tiny_lm):
+    trace: list = []
+    sched = Adaptive(threshold=0.0135, mode="max_prob", fire_at_start=True)  # max p of the tiny model ≈ 0.013-0.015
+    eng = Engine(tiny_lm, ctx_strategy(sched), k=1, max_new_tokens=10, stop_at_eos=False, trace=trace)
+    out = eng.generate(PROMPTS)
+    for b in range(2):
+        got = sorted(r["step"] for r in out.provenance if r["row"] == b)
+        want = []
+        # the decision at step t is taken on p_t *before* retrieval: recompute it from the prompt
+        # the row had at that time (passages of the previous retrieval) and the tokens so far
+        for rec in trace:
+            t = rec["step"]
+            if t == 0:
+                want.append(0)
+                continue
+            prev = trace[t - 1]["passages"][b]
+            text = eng.template.render(tiny_lm.tokenizer, PROMPTS[b], prev)
+            ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"] + rec["gen"][b]
+            if fresh_logprobs(tiny_lm, ids).exp().max() < 0.0135:
+                want.append(t)
+        assert got == want
+        assert 1 < len(got) < 10  # fires at some steps but not all
+
+
+class ZeroKnnStore:
+    unit, metric = "tokens", "l2"
+    manifest = {"layer": "final"}
+
+    def search(self, q, k):
+        from rcd.datastore.tokens import Neighbours
+
+        n = q.shape[0]
+        return Neighbours(torch.zeros(n, 1), torch.zeros(n, 1, dtype=torch.long), torch.full((n, 1), 5), "l2")
+
+
+def test_calibrated_adaptive_hits_target_rate_in_decoding(tiny_lm):
+    """Calibrate θ on a development stream, then decode: the firing rate is the target ± 0.05."""
+    prompts = ["hello world", "to be or not", "the cat", "a rose is", "slings and", "whether tis"]
+    trace: list = []
+    Engine(tiny_lm, None, max_new_tokens=20, stop_at_eos=False, trace=trace).generate(prompts)
+    conf = torch.stack([r["logprobs"].exp().max(-1).values for r in trace])  # [T, B]
+    for target in (0.2, 0.5):
+        sched = Adaptive(threshold=None, target_rate=target, fire_at_start=False)
+        sched.calibrate(conf)
+        # λ = 0: kNN evidence leaves p unchanged, so decoding follows the development stream
+        st = Strategy("a", datastore=ZeroKnnStore(), control=KNNInterpolation(k=1, lmbda=0.0), schedule=sched)
+        out = Engine(tiny_lm, st, max_new_tokens=20, stop_at_eos=False).generate(prompts)
+        assert abs(out.cost["retrieval_rate"] - target) <= 0.05
+        assert abs(sched.retrieval_rate - target) <= 0.05
+
+
+# --------------------------------------------------------------------------- REPLUG
+def test_replug_with_one_document_equals_context(tiny_lm):
+    t1, t2 = [], []
+    a = Engine(tiny_lm, ctx_strategy(EveryN(4)), k=1, max_new_tokens=9, stop_at_eos=False, trace=t1).generate(PROMPTS)
+    st = Strategy("replug", datastore=FakeChunks(DOCS), control=ReplugEnsemble(), schedule=EveryN(4))
+    assert control_kind(st.control) == "replug"
+    b = Engine(tiny_lm, st, k=1, max_new_tokens=9, stop_at_eos=False, trace=t2).generate(PROMPTS)
+    assert a.token_ids == b.token_ids
+    for r1, r2 in zip(t1, t2):
+        assert torch.allclose(r1["logprobs"], r2["logprobs"], atol=1e-5)
+
+
+def test_replug_mixes_document_distributions(tiny_lm):
+    trace: list = []
+    st = Strategy("replug", datastore=FakeChunks(DOCS), control=ReplugEnsemble(temperature=0.5), schedule=Once())
+    eng = Engine(tiny_lm, st, k=2, max_new_tokens=3, stop_at_eos=False, trace=trace)
+    eng.generate(["hello world"])
+    # docs: d2 score 2.02, d3 score 0.03; weights softmax([2.02, 0.03] / 0.5)
+    w = torch.softmax(torch.tensor([2.02, 0.03]) / 0.5, 0)
+    for rec in trace:
+        ps = [Passage("hello there world", "d2", 2.02, 1), Passage("a rose is a rose", "d3", 0.03, 2)]
+        mix = 0
+        for wd, p in zip(w, ps):
+            text = eng.template.render(tiny_lm.tokenizer, "hello world", [p])
+            ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"] + rec["gen"][0]
+            mix = mix + wd * fresh_logprobs(tiny_lm, ids).exp()
+        assert torch.allclose(rec["logprobs"][0].exp(), mix, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- adapter, cost, provenance
+def test_model_generate_adapter_matches_engine(tiny_lm):
+    tok, model = tiny_lm.tokenizer, tiny_lm.model
+    st = ctx_strategy(EveryN(3))
+    eng = Engine(tiny_lm, st, k=2, max_new_tokens=7, stop_at_eos=False)
+    want = eng.generate(PROMPTS).token_ids
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    from transformers import LogitsProcessorList
+
+    got = model.generate(**enc, logits_processor=LogitsProcessorList([eng.processor()]), max_new_tokens=7,
+                         min_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert got[:, enc["input_ids"].shape[1]:].tolist() == want
+
+
+def test_provenance_records_each_retrieval(tiny_lm):
+    prov: list = []
+    eng = Engine(tiny_lm, ctx_strategy(EveryN(5)), k=2, max_new_tokens=6, stop_at_eos=False, provenance=prov,
+                 task="qa", query="prompt")
+    out = eng.generate([Request("hello world", id="q1"), Request("to be", id="q2")])
+    assert prov == out.provenance and len(prov) == 4
+    assert {(r["id"], r["step"]) for r in prov} == {("q1", 0), ("q1", 5), ("q2", 0), ("q2", 5)}
+    r = [r for r in prov if r["id"] == "q1"][0]
+    assert r["query"] == "hello world" and r["doc_ids"] == ["d2", "d3"] and r["ids"] == [2, 3]
+    assert r["scores"] == pytest.approx([2.02, 0.03]) and r["task"] == "qa" and r["control"] == "context"
+    assert out.retrieved[0] == ["d2", "d3", "d2", "d3"] and out.fired == [2, 2]
+    for key in ("retrievals", "retrieval_s", "model_s", "tokens", "ttft", "tokens_per_s", "retrieval_rate"):
+        assert key in out.cost
+
+
+def test_query_modes(tiny_lm):
+    st = ctx_strategy(EveryN(4))
+    e = Engine(tiny_lm, st, k=1, query="auto", query_tokens=3)
+    req = Request("hello world", query="who?")
+    gen = tiny_lm.tokenizer("abcdef", add_special_tokens=False)["input_ids"]
+    assert e.build_query(req, [], 0) == "who?"
+    assert e.build_query(req, gen, 4) == "who? def"
+    e.query_mode = "last_tokens"
+    assert e.build_query(req, gen, 4) == "def"
+    e.query_mode = "last_sentence"
+    gen2 = tiny_lm.tokenizer("One. Two three", add_special_tokens=False)["input_ids"]
+    assert e.build_query(req, gen2, 4) == "Two three"
+    with pytest.raises(EngineError, match="query mode"):
+        Engine(tiny_lm, st, query="tail")
+
+
+# --------------------------------------------------------------------------- perplexity with retrieval
+def test_context_perplexity_is_the_nll_with_passages_prepended(tiny_lm):
+    tok = tiny_lm.tokenizer
+    text = "hello world, to be or not to be."
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    st = ctx_strategy(EveryN(10))
+    eng = Engine(tiny_lm, st, k=1, query_tokens=4)
+    st.control.engine = eng
+    res = score(tiny_lm, ids, st.control, st.schedule, window=64, stride=32)  # routed to the engine
+    n = len(ids)
+    assert res.fired == len(range(0, n - 1, 10)) and res.nll.shape == (n - 1,)
+    for p in range(n - 1):
+        f = (p // 10) * 10
+        q = tok.decode(ids[max(0, f + 1 - 4):f + 1].tolist())
+        hit = st.datastore.search([q], 1)
+        prefix = tok(eng.template.block([Passage(hit.texts[0][0])]), add_special_tokens=False)["input_ids"]
+        want = -fresh_logprobs(tiny_lm, prefix + ids[:p + 1].tolist())[ids[p + 1]]
+        assert res.nll[p] == pytest.approx(float(want), abs=1e-4), p
+    # the plain NLL comes from the usual sliding window
+    assert res.nll_none == pytest.approx(score(tiny_lm, ids, window=64, stride=32).nll_none, abs=1e-5)
+
+
+def test_replug_perplexity_mixes_target_probabilities(tiny_lm):
+    tok = tiny_lm.tokenizer
+    ids = tok("hello world again", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    st = Strategy("replug", datastore=FakeChunks(DOCS), control=ReplugEnsemble(), schedule=Once())
+    eng = Engine(tiny_lm, st, k=2, query_tokens=8)
+    res = eng.score(ids, window=64, stride=32)
+    hit = st.datastore.search([tok.decode(ids[:1].tolist())], 2)
+    w = torch.softmax(hit.scores[0].double(), 0)
+    for p in range(len(ids) - 1):
+        pr = 0.0
+        for j in range(2):
+            prefix = tok(eng.template.block([Passage(hit.texts[0][j])]), add_special_tokens=False)["input_ids"]
+            pr += float(w[j]) * float(fresh_logprobs(tiny_lm, prefix + ids[:p + 1].tolist()).exp()[ids[p + 1]])
+        assert res.nll[p] == pytest.approx(-math.log(pr), abs=1e-4)
+
+
+def test_scorer_steps_run_over_the_whole_text(tiny_lm):
+    """every_n fires at global positions 0, n, 2n, ... whatever the window layout."""
+    ids = torch.arange(3, 43)  # 40 tokens, 39 scored positions
+    st = Strategy("k", datastore=ZeroKnnStore(), control=KNNInterpolation(k=1, lmbda=0.5, datastore=ZeroKnnStore()),
+                  schedule=EveryN(5))
+    res = score(tiny_lm, ids, st.control, st.schedule, window=16, stride=8)
+    assert res.fired == 8  # positions 0, 5, ..., 35
+    fired_at = torch.tensor(res.nll != res.nll_none)
+    assert fired_at.nonzero().view(-1).tolist() == [p for p in range(0, 39, 5) if int(ids[p + 1]) != 5]
+    ctx = ctx_strategy(EveryN(5))
+    res2 = Engine(tiny_lm, ctx, k=1).score(ids, window=16, stride=8)
+    assert res2.extra["fire_positions"] == list(range(0, 39, 5))
+
+
+def test_engine_refuses_a_control_without_datastore(tiny_lm):
+    with pytest.raises(EngineError, match="needs a datastore"):
+        Engine(tiny_lm, Strategy("x", control=ContextControl(), schedule=Once()))
