@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -223,8 +224,8 @@ class Engine:
             c.bind(datastore=self.datastore, capture=self._capture)
         if self.kind in ("latent_kv", "knn_attention", "verify") and hasattr(c, "bind"):
             c.bind(datastore=self.datastore)
-        if self.kind == "knn_attention":
-            c.check(self.model)
+        if self.kind in ("latent_kv", "knn_attention"):
+            c.check(self.model)  # fails at start-up when the model cannot take the injection
 
     @property
     def device(self) -> torch.device:
@@ -461,6 +462,7 @@ class _Run:
         self.step_no = 0
         self.gen_seed = torch.Generator(device="cpu").manual_seed(engine.seed)
         self.mem_active: Optional[torch.Tensor] = None
+        self.no_rollback = False
 
     # ---------------------------------------------------------------- prompts
     def seqs(self) -> list[list[int]]:
@@ -526,9 +528,18 @@ class _Run:
                 self.retrieved[b].extend(str(d) for d, i in zip(hits.doc_ids[j], hits.ids[j].tolist()) if i >= 0)
         return hits
 
-    def on_memory_retrieval(self, rows: list[int], ids: torch.Tensor, scores: torch.Tensor, seconds: float) -> None:
-        """Called by the kNN-attention hook (once per hooked layer and forward)."""
+    def on_memory_retrieval(self, mask: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
+                            seconds: float) -> None:
+        """Called by the kNN-attention hook once per forward: provenance of each row's last position."""
         self.cost["retrieval_s"] += seconds
+        T = mask.shape[1]
+        for n, (r, t) in enumerate(mask.nonzero().tolist()):
+            if t == T - 1 and r % self.V == 0:
+                b = r // self.V
+                self.e.provenance.append({
+                    "task": self.e.task, "strategy": self.e.name, "control": self.kind, "id": self.reqs[b].id,
+                    "row": b, "step": self.step_no, "memory_ids": ids[n, :8].tolist(),
+                    "scores": [float(x) if math.isfinite(x) else None for x in scores[n, :8].tolist()]})
 
     def act(self, fire: torch.Tensor) -> None:
         """Retrieve for the firing rows and let the control take the evidence."""
@@ -579,7 +590,10 @@ class _Run:
         for j, b in enumerate(rows):
             self.passages[b] = _merge(self.passages[b], passages_from_hits(hits, j))
             text = self.e.decode(sentences[b])
-            decision, support = c.judge(text, [p.text for p in self.passages[b]], self.retries[b])
+            decision, support = c.judge(text, [p.text for p in self.passages[b]], self.retries[b],
+                                        given=self.reqs[b].query or self.reqs[b].prompt)
+            if decision == "reject" and self.no_rollback:
+                decision = "reject_kept"  # inside model.generate an emitted sentence cannot be taken back
             self.e.provenance.append({"task": self.e.task, "strategy": self.e.name, "control": "verify",
                                       "event": "verify", "id": self.reqs[b].id, "row": b, "step": self.step_no,
                                       "sentence": text, "support": support, "decision": decision,
@@ -596,7 +610,7 @@ class _Run:
                 if c.regenerate == "evidence":
                     self.in_context[b] = True
             else:
-                self.sent_start[b] = len(self.gen[b])
+                self.sent_start[b] = len(self.gen[b]) - (1 if at_eos else 0)
                 self.retries[b] = 0
                 c.clear(b)
         if rejected:
@@ -745,8 +759,9 @@ class EngineProcessor:
 
     def __init__(self, engine: Engine) -> None:
         if engine.kind == "verify":
-            raise EngineError("verify regenerates rejected sentences, which model.generate cannot do; "
-                              "decode with rcd.engine.Engine.generate")
+            warnings.warn("verify inside model.generate checks and logs each sentence but cannot take back a "
+                          "rejected one (logged as 'reject_kept'); rcd.engine.Engine.generate regenerates it",
+                          RuntimeWarning, stacklevel=2)
         self.e = engine
         self.run: Optional[_Run] = None
         self.prompt_len = 0
@@ -765,6 +780,7 @@ class EngineProcessor:
             prompts.append(e.tok.decode(row[i:], skip_special_tokens=False))
         raw = e.template.updated({"chat": "never", "system": None})
         self.run = _Run(e, [Request(prompt=p) for p in prompts], max_new=10 ** 9, template=raw)
+        self.run.no_rollback = True
         if e.schedule is not None:
             e.schedule.reset(len(prompts), device=torch.device("cpu"))
 

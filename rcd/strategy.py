@@ -102,6 +102,12 @@ def validate(cfg: DictConfig) -> None:
         raise StrategyError(
             f"control {cls.__name__} cannot use a {unit!r} datastore; it accepts {list(accepts)}. "
             f"Choose datastore={accepts[0]} or another control.")
+    check = getattr(cls, "check_datastore_config", None)  # e.g. inject needs a latent store built with KV caches
+    if check is not None:
+        try:
+            check(ds)
+        except ValueError as e:
+            raise StrategyError(str(e)) from None
 
 
 def build(cfg: DictConfig, lm, corpus_ds=None, corpus_name: str = "corpus", datastore_root=None) -> Strategy:

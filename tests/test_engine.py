@@ -304,3 +304,86 @@ def test_scorer_steps_run_over_the_whole_text(tiny_lm):
 def test_engine_refuses_a_control_without_datastore(tiny_lm):
     with pytest.raises(EngineError, match="needs a datastore"):
         Engine(tiny_lm, Strategy("x", control=ContextControl(), schedule=Once()))
+
+
+# --------------------------------------------------------------------------- tags
+@dataclass
+class FakeTagHits:
+    tags: list
+    weights: list
+
+
+class FakeTags:
+    unit = "tags"
+
+    def search(self, queries, k):
+        return FakeTagHits([["xyz"] for _ in queries], [[1.0] for _ in queries])
+
+
+def test_tag_bias_steers_after_retrieval(tiny_lm):
+    from rcd.control.tag_bias import TagBias
+
+    tok = tiny_lm.tokenizer
+    x, y, z = (tok.convert_tokens_to_ids(c) for c in "xyz")
+    trace, prov = [], []
+    st = Strategy("tags", datastore=FakeTags(), control=TagBias(beta=3.0, continuation=True), schedule=Once())
+    eng = Engine(tiny_lm, st, k=4, max_new_tokens=6, stop_at_eos=False, tag_format="{tag}", trace=trace,
+                 provenance=prov)
+    eng.generate(["hello"])
+    assert prov[0]["tags"] == ["xyz"] and prov[0]["weights"] == [1.0]
+    for rec in trace:
+        gen = rec["gen"][0]
+        ids = tok("hello", add_special_tokens=False)["input_ids"] + gen
+        bias = torch.zeros(len(tok))
+        bias[x] += 1.0  # b_v: the tag starts with x
+        if gen[-1:] == [x]:
+            bias[y] += 1.0  # continuation: "x" begun -> y
+        if gen[-2:] == [x, y]:
+            bias[z] += 1.0
+        want = torch.log_softmax(fresh_logprobs(tiny_lm, ids) + 3.0 * bias, -1)
+        assert torch.allclose(rec["logprobs"][0], want, atol=1e-5)
+    # β = 50: only biased tokens survive (x first; then x or the tag's continuation)
+    st2 = Strategy("tags", datastore=FakeTags(), control=TagBias(beta=50.0, continuation=True), schedule=Once())
+    out = Engine(tiny_lm, st2, max_new_tokens=6, stop_at_eos=False, tag_format="{tag}").generate(["hello"])
+    text = out.texts[0]
+    assert text[0] == "x" and all(c == "x" or text[:i].endswith({"y": "x", "z": "xy"}.get(c, "-"))
+                                  for i, c in enumerate(text))
+
+
+# --------------------------------------------------------------------------- presets
+DESIGN = {  # preset: (datastore unit, control class, schedule class) — the DESIGN table
+    "once": ("chunks", "ContextControl", "Once"),
+    "every_n": ("chunks", "ContextControl", "EveryN"),
+    "per_sentence": ("chunks", "ContextControl", "Sentence"),
+    "adaptive": ("chunks", "ContextControl", "Adaptive"),
+    "per_token": ("tokens", "KNNInterpolation", "EveryToken"),
+    "replug": ("chunks", "ReplugEnsemble", "Once"),
+    "tags": ("tags", "TagBias", "Sentence"),
+    "latent_kv": ("latent", "KVInjection", "Once"),
+    "knn_attention": ("latent", "KNNAttention", "EveryToken"),
+    "verify": ("chunks", "Verify", "Sentence"),
+}
+
+
+def test_every_design_preset_composes_and_validates():
+    from test_run import cfg_for
+
+    from rcd.strategy import validate
+
+    for preset, (unit, control, schedule) in DESIGN.items():
+        cfg = cfg_for([f"+strategy={preset}"])
+        assert cfg.datastore.unit == unit, preset
+        assert cfg.strategy.control._target_.endswith(control), preset
+        assert cfg.strategy.schedule._target_.endswith(schedule), preset
+        validate(cfg)
+    # an axis override composes another cell
+    cfg = cfg_for(["+strategy=once", "strategy/control=replug", "strategy/schedule=every_n"])
+    assert cfg.strategy.control._target_.endswith("ReplugEnsemble") and cfg.strategy.schedule.n == 16
+    validate(cfg)
+    # a cell that cannot work fails naming the valid choices
+    from rcd.strategy import StrategyError
+
+    with pytest.raises(StrategyError, match=r"KVInjection cannot use a 'chunks' datastore; it accepts \['latent'\]"):
+        validate(cfg_for(["+strategy=once", "strategy/control=kv_injection"]))
+    with pytest.raises(StrategyError, match=r"TagBias cannot use a 'chunks' datastore; it accepts \['tags'\]"):
+        validate(cfg_for(["+strategy=per_sentence", "strategy/control=tag_bias"]))

@@ -1,0 +1,359 @@
+"""The "how = inject" axis: retrieved latents enter the model's computation, training-free.
+
+(a) :class:`KVInjection` — TurboRAG / Block-Attention style. The latent datastore stores, per
+    chunk c of L_c tokens, the attention keys and values of every layer computed with the chunk
+    alone at positions 0..L_c-1. The retrieved chunks c_1..c_m become the *cache prefix*; the
+    prompt is prefilled after them (by :class:`rcd.engine.Engine`, which owns the cache), so the
+    prompt attends to the chunks as if their text preceded it, without recomputing them.
+
+    Positions (the choice matters for RoPE models, whose cached keys carry their position):
+
+    * ``positions="shift"`` (default, Block-Attention): chunk c_i is placed at offset
+      o_i = Σ_{j<i} L_j; its keys are re-rotated by o_i (RoPE: R(p + o) = R(o)·R(p), so rotating
+      a key cached at position p by o gives exactly the key at p + o); the prompt starts at
+      P = Σ_i L_i. With one chunk this reproduces "chunk text + prompt" exactly; with several, the
+      only difference to concatenated text is that chunks do not attend to each other.
+    * ``positions="independent"`` (TurboRAG's independent positions): keys are left as cached,
+      every chunk occupies 0..L_i-1, and the prompt starts at max_i L_i.
+
+    Re-rotation uses the model's own rotary-embedding module (found generically: a module with an
+    ``inv_freq`` buffer) and is verified at start-up on the model itself (:meth:`KVInjection.check`):
+    a model whose keys are not rotated in the rotate-half layout is refused for ``shift``.
+
+(b) :class:`KNNAttention` — Memorizing-Transformer style attention to retrieved memories, in the
+    residual stream of one block. Memories are (key, value) hidden states of the corpus tokens at
+    block l (the datastore's ``memory_layer``). A forward hook on block l takes its output h_t at
+    each active position, retrieves the k nearest memories (s_i, v_i) and mixes::
+
+        a = softmax(s / τ)  (s: inner products, or -squared L2 distances; τ default √H)
+        m_t = Σ_i a_i v_i
+        h_t ← (1 - g)·h_t + g·m_t          (g: the gate, a fixed scalar in [0, 1])
+
+    so later blocks read a representation pulled toward what followed similar contexts in the
+    corpus. Memorizing Transformer attends to memories per head with learned gates; here the
+    gate is a fixed scalar and attention happens on the hidden state the memories were keyed by
+    (the same space, no projections), which keeps the hook generic across architectures. Which
+    rows/positions are active is set by the engine from the schedule (``active``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from rcd.hooks import resolve_layer
+
+POSITIONS = ("shift", "independent")
+
+
+class InjectError(ValueError):
+    pass
+
+
+@dataclass
+class PrefixKV:
+    """An injected cache prefix for R rows: per layer keys/values [R, heads, P, d] (left-padded),
+    mask [R, P] (1 = real), and the position of each row's first prompt token."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def find_rotary(model) -> Optional[torch.nn.Module]:
+    """The model's rotary-embedding module (a module holding an ``inv_freq`` buffer), or None."""
+    for module in model.modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            return module
+    return None
+
+
+def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+class KVInjection:
+    """how = inject (KV prefix): cache = [chunk KVs (positions per ``positions``)] + prompt + generation."""
+
+    kind = "latent_kv"
+    accepts_units: tuple[str, ...] = ("latent",)
+
+    def __init__(self, positions: str = "shift", max_prefix_tokens: Optional[int] = None) -> None:
+        if positions not in POSITIONS:
+            raise InjectError(f"KVInjection: positions must be one of {POSITIONS}, got {positions!r}")
+        if max_prefix_tokens is not None and int(max_prefix_tokens) < 1:
+            raise InjectError(f"KVInjection: max_prefix_tokens must be >= 1 or null, got {max_prefix_tokens}")
+        self.positions = positions
+        self.max_prefix_tokens = None if max_prefix_tokens is None else int(max_prefix_tokens)
+        self.datastore = None
+        self._rotary = None
+        self._checked_model = None
+
+    @staticmethod
+    def check_datastore_config(ds_cfg) -> None:
+        """Start-up check of the datastore config (before anything is built)."""
+        if ds_cfg is not None and ds_cfg.get("kv") is False:
+            raise InjectError("control latent_kv injects the per-chunk KV caches of a latent datastore, but "
+                              "datastore.kv=false builds none: set datastore.kv=true, or choose "
+                              "strategy/control=knn_attention (memories) or context (chunk text)")
+
+    def bind(self, datastore=None, **_: Any) -> "KVInjection":
+        if datastore is not None:
+            if not hasattr(datastore, "kv"):
+                raise InjectError(f"KVInjection needs a latent datastore with KV caches (datastore=latent); "
+                                  f"got {type(datastore).__name__}")
+            manifest = getattr(datastore, "manifest", None) or {}
+            if manifest and not manifest.get("kv"):
+                raise InjectError(f"latent datastore {getattr(datastore, 'folder', '')} was built without KV caches "
+                                  "(datastore.kv=false): rebuild with datastore.kv=true or choose "
+                                  "strategy/control=knn_attention or context")
+            self.datastore = datastore
+        return self
+
+    # ------------------------------------------------------------------ positions
+    def check(self, model) -> None:
+        """Refuse ``positions=shift`` on a model whose cached keys cannot be re-rotated (verified)."""
+        if self.positions != "shift" or self._checked_model is model:
+            return
+        rot = find_rotary(model)
+        if rot is None:
+            raise InjectError(f"positions=shift re-rotates cached keys, but {type(model).__name__} has no rotary "
+                              "embedding (no module with inv_freq); use strategy.control.positions=independent")
+        self._rotary = rot
+        dev = next(model.parameters()).device
+        ids = torch.arange(3, 9, device=dev).view(1, -1) % max(2, model.get_output_embeddings().out_features)
+        with torch.no_grad():
+            k0 = _layer_kv(model(input_ids=ids, position_ids=torch.arange(6, device=dev).view(1, -1),
+                                 use_cache=True).past_key_values)[0][0]
+            k5 = _layer_kv(model(input_ids=ids, position_ids=torch.arange(5, 11, device=dev).view(1, -1),
+                                 use_cache=True).past_key_values)[0][0]
+        got = self.rotate(k0, torch.full((6,), 5, device=dev))
+        if not torch.allclose(got.float(), k5.float(), atol=1e-3, rtol=1e-3):
+            raise InjectError(f"positions=shift: re-rotating the cached keys of {type(model).__name__} does not "
+                              "reproduce keys at shifted positions (not a rotate-half RoPE model); use "
+                              "strategy.control.positions=independent")
+        self._checked_model = model
+
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Keys [..., P, d] moved by ``delta`` [P] positions (RoPE rotation R(delta))."""
+        rot = self._rotary
+        pos = delta.view(1, -1).to(keys.device)
+        cos, sin = rot(keys.float(), position_ids=pos)  # [1, P, d], scaled by attention_scaling
+        scale = float(getattr(rot, "attention_scaling", 1.0) or 1.0)
+        cos, sin = cos[0] / scale, sin[0] / scale
+        k = keys.float()
+        return (k * cos + rotate_half(k) * sin).to(keys.dtype)
+
+    # ------------------------------------------------------------------ prefix
+    def lengths(self, ids: Sequence[int]) -> list[int]:
+        return [int(self.datastore.length(int(i))) for i in ids]
+
+    def prefix_length(self, ids: Sequence[int]) -> int:
+        """Cache positions the prefix of chunks ``ids`` takes, and where the prompt starts."""
+        ids = self._cap(list(ids))
+        lens = self.lengths(ids)
+        return sum(lens)
+
+    def _cap(self, ids: list[int]) -> list[int]:
+        ids = [int(i) for i in ids if int(i) >= 0]
+        if self.max_prefix_tokens is None:
+            return ids
+        out, total = [], 0
+        for i, n in zip(ids, self.lengths(ids)):
+            if total + n > self.max_prefix_tokens:
+                break
+            out.append(i)
+            total += n
+        return out
+
+    def prefix(self, lm, rows: Sequence[Sequence[int]], cost: Optional[dict] = None) -> PrefixKV:
+        """The injected prefix for each row's retrieved chunk ids (rows without chunks: empty)."""
+        if self.datastore is None:
+            raise InjectError("KVInjection is unbound: bind(datastore=<latent datastore>)")
+        self.check(lm.model)
+        t0 = time.perf_counter()
+        dtype = next(lm.model.parameters()).dtype
+        dev = lm.device
+        per_row, lens, starts = [], [], []
+        for ids in rows:
+            ids = self._cap(list(ids))
+            if not ids:
+                per_row.append(None)
+                lens.append(0)
+                starts.append(0)
+                continue
+            kv = self.datastore.kv(ids, dtype=dtype)
+            ls = self.lengths(ids)
+            if self.positions == "shift":
+                delta = torch.cat([torch.full((n,), off, dtype=torch.long)
+                                   for n, off in zip(ls, [sum(ls[:j]) for j in range(len(ls))])])
+                kv = [(self.rotate(k, delta), v) for k, v in kv]
+                starts.append(sum(ls))
+            else:
+                starts.append(max(ls))
+            per_row.append(kv)
+            lens.append(sum(ls))
+        P = max(lens)
+        if P == 0:
+            raise InjectError("no chunk to inject in any row")
+        ref = next(kv for kv in per_row if kv is not None)
+        keys, values = [], []
+        for layer in range(len(ref)):
+            h, d = ref[layer][0].shape[1], ref[layer][0].shape[3]
+            hv, dv = ref[layer][1].shape[1], ref[layer][1].shape[3]
+            K = torch.zeros(len(rows), h, P, d, dtype=dtype, device=dev)
+            V = torch.zeros(len(rows), hv, P, dv, dtype=dtype, device=dev)
+            for r, kv in enumerate(per_row):
+                if kv is not None:
+                    K[r, :, P - lens[r]:] = kv[layer][0][0].to(dev)
+                    V[r, :, P - lens[r]:] = kv[layer][1][0].to(dev)
+            keys.append(K)
+            values.append(V)
+        mask = torch.zeros(len(rows), P, dtype=torch.long, device=dev)
+        for r, n in enumerate(lens):
+            if n:
+                mask[r, P - n:] = 1
+        if cost is not None:
+            cost["retrieval_s"] += time.perf_counter() - t0
+        return PrefixKV(keys=keys, values=values, mask=mask, next_pos=torch.tensor(starts, dtype=torch.long))
+
+    def __repr__(self) -> str:
+        return f"KVInjection(positions={self.positions!r}, max_prefix_tokens={self.max_prefix_tokens})"
+
+
+class KNNAttention:
+    """how = inject (memories): h ← (1-g)·h + g·Σ_i softmax(s/τ)_i v_i at one block's output (module doc)."""
+
+    kind = "knn_attention"
+    accepts_units: tuple[str, ...] = ("latent",)
+
+    def __init__(self, k: int = 8, gate: float = 0.2, temperature: Optional[float] = None,
+                 layer: Optional[Any] = None) -> None:
+        if int(k) < 1:
+            raise InjectError(f"KNNAttention: k must be >= 1, got {k}")
+        if not 0.0 <= float(gate) <= 1.0:
+            raise InjectError(f"KNNAttention: gate must be in [0, 1], got {gate}")
+        if temperature is not None and not float(temperature) > 0:
+            raise InjectError(f"KNNAttention: temperature must be > 0 or null, got {temperature}")
+        self.k, self.gate = int(k), float(gate)
+        self.temperature = None if temperature is None else float(temperature)
+        self.layer = layer
+        self.datastore = None
+        self.active: Optional[torch.Tensor] = None  # None: every position; [R] rows; [R, T] positions
+        self._handle = None
+        self._module = None
+        self._kind = None
+        self._on_retrieval: Optional[Callable] = None
+        self.last_ids: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def check_datastore_config(ds_cfg) -> None:
+        if ds_cfg is not None and ds_cfg.get("memories") is False:
+            raise InjectError("control knn_attention attends to the per-token memories of a latent datastore, "
+                              "but datastore.memories=false builds none: set datastore.memories=true, or choose "
+                              "strategy/control=latent_kv (KV caches) or context (chunk text)")
+
+    def bind(self, datastore=None, **_: Any) -> "KNNAttention":
+        if datastore is not None:
+            if not hasattr(datastore, "search_memories"):
+                raise InjectError(f"KNNAttention needs a latent datastore with memories (datastore=latent); got "
+                                  f"{type(datastore).__name__}")
+            manifest = getattr(datastore, "manifest", None) or {}
+            if manifest and not manifest.get("memories"):
+                raise InjectError(f"latent datastore {getattr(datastore, 'folder', '')} was built without memories "
+                                  "(datastore.memories=false): rebuild with datastore.memories=true or choose "
+                                  "strategy/control=latent_kv or context")
+            self.datastore = datastore
+        return self
+
+    def memory_layer(self):
+        if self.layer is not None:
+            return self.layer
+        manifest = getattr(self.datastore, "manifest", None) or {}
+        mem = manifest.get("memories") or {}
+        layer = mem.get("layer", getattr(self.datastore, "memory_layer", None))
+        if layer is None:
+            raise InjectError("KNNAttention: the datastore does not say which layer its memories come from; "
+                              "set strategy.control.layer")
+        return layer if layer in ("final", "lm_head") else int(layer)
+
+    def check(self, model) -> None:
+        self._module, self._kind = resolve_layer(model, self.memory_layer())
+
+    # ------------------------------------------------------------------ hook
+    def attach(self, model, on_retrieval: Optional[Callable] = None) -> "KNNAttention":
+        if self.datastore is None:
+            raise InjectError("KNNAttention is unbound: bind(datastore=<latent datastore>)")
+        self.detach()
+        self._module, self._kind = resolve_layer(model, self.memory_layer())
+        self._on_retrieval = on_retrieval
+        if self._kind == "pre":
+            self._handle = self._module.register_forward_pre_hook(self._pre)
+        else:
+            self._handle = self._module.register_forward_hook(self._post)
+        return self
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _pre(self, module, args):
+        if not args:
+            return None
+        return (self.mix(args[0]),) + tuple(args[1:])
+
+    def _post(self, module, args, output):
+        if isinstance(output, (tuple, list)):
+            return type(output)([self.mix(output[0])] + list(output[1:]))
+        return self.mix(output)
+
+    def weights(self, scores: torch.Tensor, hidden_size: int) -> torch.Tensor:
+        """softmax over the k memories; -inf/inf (missing) scores get weight 0 (all missing: all 0)."""
+        tau = self.temperature or math.sqrt(hidden_size)
+        metric = getattr(self.datastore, "memory_metric", "ip")
+        logits = (-scores if metric == "l2" else scores).float() / tau
+        logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("-inf"))
+        w = torch.softmax(logits, dim=-1)
+        return torch.nan_to_num(w, nan=0.0)
+
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        """(1-g)·h + g·Σ a_i v_i at the active positions of h [R, T, H]."""
+        R, T, H = h.shape
+        act = self.active
+        if act is None:
+            mask = torch.ones(R, T, dtype=torch.bool, device=h.device)
+        elif act.dim() == 1:
+            mask = act.to(h.device).view(R, 1).expand(R, T)
+        else:
+            mask = act.to(h.device)[:, -T:] if act.shape[1] >= T else act.to(h.device)
+        if not bool(mask.any()) or self.gate == 0.0:
+            return h
+        q = h[mask]
+        t0 = time.perf_counter()
+        scores, ids, values = self.datastore.search_memories(q, self.k)
+        seconds = time.perf_counter() - t0
+        w = self.weights(scores, H).to(q.dtype)
+        m = (w.unsqueeze(-1) * values.to(q.dtype)).sum(1)
+        has = (w.sum(-1, keepdim=True) > 0).to(q.dtype)  # rows with no memory keep h
+        g = self.gate * has
+        out = h.clone()
+        out[mask] = (1 - g) * q + g * m
+        self.last_ids = ids
+        if self._on_retrieval is not None:
+            self._on_retrieval(mask, ids, scores, seconds)
+        return out
+
+    def __repr__(self) -> str:
+        return f"KNNAttention(k={self.k}, gate={self.gate}, temperature={self.temperature}, layer={self.layer})"
