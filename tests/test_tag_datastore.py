@@ -33,6 +33,8 @@ def test_extractor_on_a_play():
         "Cawdor": 1,                 # "Thane" opens a sentence, "of" is trimmed
         "Rome": 1, "Duncan": 1, "Sir Toby": 1,  # mid-sentence names; "O", "I'll" are not names
     }
+    assert dict(extract_tags("MRS. FORD.\nCome hither, MRS. PAGE.", at_row_start=False)) == {
+        "MRS. FORD": 1, "MRS. PAGE": 1}
     # a sentence-opening word counts when it is a known name of the entry
     assert extract_tags("MACBETH.\nSo foul a day.\n\nBANQUO.\nMacbeth comes.", at_row_start=False) == {
         "MACBETH": 1, "BANQUO": 1, "Macbeth": 1}

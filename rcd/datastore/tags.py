@@ -25,7 +25,7 @@ Where the tags come from:
      "Alvar Aalto", …). The row's ``title_field`` column (default ``title``), when present, is a
      tag too.
   2. *Speaker lines* — a line that is only an upper-case name ending in a full stop
-     (``MACBETH.``, ``FIRST WITCH.``, ``KING HENRY.``) gives that name.
+     (``MACBETH.``, ``FIRST WITCH.``, ``MRS. FORD.``) gives that name.
   3. *Upper-case runs* — runs of upper-case words of ≥ 2 letters elsewhere (stage directions
      ``[Enter BERTRAM, the COUNTESS OF ROUSILLON]``) give the run ("COUNTESS OF ROUSILLON"),
      possessive 's dropped; headings and stop words (ACT, SCENE, THE, OF, roman numerals, …)
@@ -75,8 +75,8 @@ _NAME_STOP = {
     "I", "I'll", "I'm", "I'd", "I've", "O", "Oh", "Ah", "Ay", "Aye", "Alas", "Enter", "Exit", "Exeunt", "Re-enter",
     "Scene", "Act", "Thou", "Thee", "Thy", "Ha", "Ho", "Fie", "Tut", "Nay", "Yea", "Amen", "Finis", "Mr", "Mrs",
 }
-_SPEAKER = re.compile(r"^[ \t]*([A-Z][A-Z'\-]*(?:[ \t]+[A-Z][A-Z'\-]*)*)[ \t]*\.[ \t]*$", re.M)
-_CAPS_RUN = re.compile(r"(?<![A-Za-z'])[A-Z][A-Z'\-]+(?:[ \t]+[A-Z][A-Z'\-]+)*(?![A-Za-z])")
+_SPEAKER = re.compile(r"^[ \t]*([A-Z][A-Z'\-]*(?:\.?[ \t]+[A-Z][A-Z'\-]*)*)[ \t]*\.[ \t]*$", re.M)
+_CAPS_RUN = re.compile(r"(?<![A-Za-z'])[A-Z][A-Z'\-]+(?:\.?[ \t]+[A-Z][A-Z'\-]+)*(?![A-Za-z])")
 _TITLE_WORD = r"[A-Z][a-z]+(?:['\-][A-Za-z]+)*"
 _NAME_RUN = re.compile(rf"(?<![A-Za-z'\-]){_TITLE_WORD}(?:(?:[ \t]+|[ \t]+of[ \t]+){_TITLE_WORD})*(?![A-Za-z])")
 _YEAR = re.compile(r"(?<!\d)(1\d{3}|20\d{2})(?!\d)")
@@ -439,7 +439,7 @@ def _resolve(lm, corpus_ds, corpus_name, *, tag_field, title_field, shard, num_s
     return chunker, enc, sh, espec, spec, tag_field, title_field
 
 
-EXTRACTOR_VERSION = "rules-1"
+EXTRACTOR_VERSION = "rules-2"
 
 
 def _folder(root, corpus_name, enc, sh, spec) -> tuple[Path, bool]:
