@@ -298,6 +298,11 @@ def write_latents(tmp: Path, lm, tokens: np.ndarray, offsets: np.ndarray, *, kv:
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="latent (LM forward)", unit="batch", total=-(-n // batch_size))
+    # the LM head (vocabulary logits) is skipped unless a memory reads its input
+    reads_head = memories and any(str(x) in ("final", "lm_head", "None") for x in
+                                  ((memory_layer, memory_value_layer) if val_cap is not None else (memory_layer,)))
+    base_model = getattr(model, "base_model", None)
+    runner = model if reads_head or base_model is None or base_model is model else base_model
     caps = [c for c in (key_cap, val_cap) if c is not None]
     for c in caps:
         c.attach()
@@ -312,7 +317,7 @@ def write_latents(tmp: Path, lm, tokens: np.ndarray, offsets: np.ndarray, *, kv:
                     x = np.asarray(tokens[offsets[c]:offsets[c + 1]], dtype=np.int64)
                     ids[r, :len(x)] = torch.from_numpy(x)
                     mask[r, :len(x)] = 1
-                res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=kv)
+                res = runner(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=kv)
                 if kv:
                     layers = cache_layers(res.past_key_values)
                     if not kv_arrays:
