@@ -53,6 +53,9 @@ holds until the next firing position (In-Context RALM with stride s for ``every_
 REPLUG prepend the passages to the scored text, filling the window: each forward pass scores at
 most ``stride`` positions and sees ``window - len(passages)`` tokens. Adaptive decides on the
 plain model's p_t (the scored text is fixed, so there is no "generated with retrieval" p_t).
+A query needs ``min_query_tokens`` tokens: a firing position before ``min_query_tokens - 1``
+(e.g. step 0 of ``once``, whose query would be x_0 alone) is moved to that position; positions
+without evidence (before the first retrieval, or when a search finds nothing) keep the plain NLL.
 """
 from __future__ import annotations
 
@@ -163,7 +166,7 @@ class Engine:
                  query: str = "auto", query_tokens: int = 32, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, seed: int = 0, batch_size: int = 8, tag_format: str = " {tag}",
                  provenance: Optional[list] = None, task: str = "generate", stop_at_eos: bool = True,
-                 trace: Optional[list] = None) -> None:
+                 trace: Optional[list] = None, min_query_tokens: int = 16) -> None:
         if query not in QUERY_MODES:
             raise EngineError(f"retrieval query mode {query!r} is not one of {QUERY_MODES}")
         if int(k) < 1 or int(query_tokens) < 1 or int(max_new_tokens) < 1 or int(batch_size) < 1:
@@ -188,6 +191,7 @@ class Engine:
         base = template or PromptTemplate()
         self.template = self.control.template(base) if isinstance(self.control, ContextControl) else base
         self.k, self.query_mode, self.query_tokens = int(k), query, int(query_tokens)
+        self.min_query_tokens = max(1, min(int(min_query_tokens), self.query_tokens))
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.do_sample, self.temperature, self.seed = bool(do_sample), float(temperature), int(seed)
         self.tag_format = tag_format
@@ -828,9 +832,10 @@ def from_config(lm, strategy, cfg=None, *, task: str = "generate", provenance: O
         return {} if node is None else OmegaConf.to_container(node, resolve=True)
 
     retrieval = dict(getattr(strategy, "retrieval", None) or section("strategy.retrieval"))
-    unknown = sorted(set(retrieval) - {"k", "query", "query_tokens", "tag_format"})
+    known = {"k", "query", "query_tokens", "min_query_tokens", "tag_format"}
+    unknown = sorted(set(retrieval) - known)
     if unknown:
-        raise EngineError(f"strategy.retrieval has unknown key(s) {unknown}; known: k, query, query_tokens, tag_format")
+        raise EngineError(f"strategy.retrieval has unknown key(s) {unknown}; known: {sorted(known)}")
     template = PromptTemplate.from_config(section("task.template"))
     kwargs: dict[str, Any] = {"template": template, **retrieval}
     kwargs.update(overrides)
@@ -845,8 +850,8 @@ def _score_blocks(e: Engine, blocks: list[dict], cost: dict, batch: int = 4) -> 
     for s0 in range(0, len(order), batch):
         idx = order[s0:s0 + batch]
         prefix = None
-        if blocks[idx[0]].get("prefix") is not None:
-            prefix = e.control.prefix(e.lm, [blocks[i]["prefix"] for i in idx], cost)
+        if any(blocks[i].get("prefix") for i in idx):
+            prefix = e.control.prefix(e.lm, [blocks[i].get("prefix") or [] for i in idx], cost)
         keep = max(len(blocks[i]["targets"]) for i in idx)
         res, _, _ = e.forward_padded([blocks[i]["seq"] for i in idx], cost, prefix=prefix, keep=keep)
         lp_all = torch.log_softmax(res.logits.float(), -1)
@@ -899,6 +904,8 @@ def score_text(e: Engine, token_ids: torch.Tensor, *, window: int = 512, stride:
     c = e.control
     tags_now: Optional[tuple] = None
     ids_cpu = ids.cpu()
+    pending_early = False  # a fire before position min_query_tokens - 1 waits for a long enough query
+    text_query = e.kind in ("context", "replug", "latent_kv", "tags")
 
     def query_at(p: int) -> str:
         return e.decode(ids_cpu[max(0, p + 1 - e.query_tokens):p + 1].tolist())
@@ -915,8 +922,12 @@ def score_text(e: Engine, token_ids: torch.Tensor, *, window: int = 512, stride:
         for p in range(first, end - 1):
             f = sched.should_fire(p, None if probs is None else probs[p - first:p - first + 1],
                                   ids_cpu[p].view(1) if p > 0 else None)
-            if bool(f[0]):
+            if bool(f[0]) or (pending_early and p == e.min_query_tokens - 1):
                 local.append(p)
+                pending_early = False
+            if bool(f[0]) and p < e.min_query_tokens - 1 and text_query:  # the query would be too short: defer
+                local.pop()
+                pending_early = True
         fires.extend(local)
         if e.kind != "tags":
             continue
@@ -961,12 +972,12 @@ def score_text(e: Engine, token_ids: torch.Tensor, *, window: int = 512, stride:
         owners: list[tuple[int, int, int]] = []  # (segment, view, block) for replug mixing
         seg_bounds = [(p, fires[i + 1] if i + 1 < len(fires) else n - 1) for i, p in enumerate(fires)]
         for si, ((a, b), ps) in enumerate(zip(seg_bounds, hits_all)):
-            if a >= b:
+            if a >= b or not ps:  # no evidence retrieved: the plain model's NLL stands
                 continue
             if e.kind == "context":
                 views = [ps]
             elif e.kind == "replug":
-                views = [[p] for p in ps[: e.k]] or [[]]
+                views = [[p] for p in ps[: e.k]]
             else:
                 views = [ps]
             for v, vps in enumerate(views):
@@ -992,13 +1003,13 @@ def score_text(e: Engine, token_ids: torch.Tensor, *, window: int = 512, stride:
             c0, c1 = blocks[bi]["positions"]
             per_view.setdefault((si, v), {}).update(zip(range(c0, c1), lps[bi].tolist()))
         for si, ((a, b), ps) in enumerate(zip(seg_bounds, hits_all)):
-            if a >= b:
+            if a >= b or not ps:
                 continue
             if e.kind == "replug":
-                nv = max(1, min(e.k, len(ps)))
+                nv = min(e.k, len(ps))
                 doc_lp = torch.tensor([[per_view[(si, v)][p] for v in range(nv)] for p in range(a, b)],
                                       dtype=torch.float64).unsqueeze(-1)
-                sc = torch.tensor([[q.score for q in ps[:nv]] or [0.0]] * (b - a), dtype=torch.float64)
+                sc = torch.tensor([[q.score for q in ps[:nv]]] * (b - a), dtype=torch.float64)
                 mixed = replug_mix(doc_lp, sc, c.temperature).squeeze(-1)
                 nll[a:b] = -mixed
             else:

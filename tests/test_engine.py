@@ -259,9 +259,11 @@ def test_context_perplexity_is_the_nll_with_passages_prepended(tiny_lm):
     st.control.engine = eng
     res = score(tiny_lm, ids, st.control, st.schedule, window=64, stride=32)  # routed to the engine
     n = len(ids)
-    assert res.fired == len(range(0, n - 1, 10)) and res.nll.shape == (n - 1,)
-    for p in range(n - 1):
-        f = (p // 10) * 10
+    # fires at 0, 10, 20, 30; the step-0 query would hold 1 token < min(16, query_tokens=4): moved to position 3
+    assert res.extra["fire_positions"] == [3, 10, 20, 30] and res.nll.shape == (n - 1,)
+    assert res.nll[:3] == pytest.approx(res.nll_none[:3])
+    for p in range(3, n - 1):
+        f = max(3, (p // 10) * 10)
         q = tok.decode(ids[max(0, f + 1 - 4):f + 1].tolist())
         hit = st.datastore.search([q], 1)
         prefix = tok(eng.template.block([Passage(hit.texts[0][0])]), add_special_tokens=False)["input_ids"]
@@ -276,10 +278,12 @@ def test_replug_perplexity_mixes_target_probabilities(tiny_lm):
     ids = tok("hello world again", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     st = Strategy("replug", datastore=FakeChunks(DOCS), control=ReplugEnsemble(), schedule=Once())
     eng = Engine(tiny_lm, st, k=2, query_tokens=8)
-    res = eng.score(ids, window=64, stride=32)
-    hit = st.datastore.search([tok.decode(ids[:1].tolist())], 2)
+    res = eng.score(ids, window=64, stride=32)  # once: the query waits for min(16, 8) = 8 tokens
+    assert res.extra["fire_positions"] == [7]
+    hit = st.datastore.search([tok.decode(ids[:8].tolist())], 2)
     w = torch.softmax(hit.scores[0].double(), 0)
-    for p in range(len(ids) - 1):
+    assert res.nll[:7] == pytest.approx(res.nll_none[:7])
+    for p in range(7, len(ids) - 1):
         pr = 0.0
         for j in range(2):
             prefix = tok(eng.template.block([Passage(hit.texts[0][j])]), add_special_tokens=False)["input_ids"]
@@ -297,8 +301,11 @@ def test_scorer_steps_run_over_the_whole_text(tiny_lm):
     fired_at = torch.tensor(res.nll != res.nll_none)
     assert fired_at.nonzero().view(-1).tolist() == [p for p in range(0, 39, 5) if int(ids[p + 1]) != 5]
     ctx = ctx_strategy(EveryN(5))
-    res2 = Engine(tiny_lm, ctx, k=1).score(ids, window=16, stride=8)
+    res2 = Engine(tiny_lm, ctx, k=1, min_query_tokens=1).score(ids, window=16, stride=8)
     assert res2.extra["fire_positions"] == list(range(0, 39, 5))
+    # with the default (a query needs min(16, query_tokens) tokens) 0, 5, 10 merge into 15
+    res3 = Engine(tiny_lm, ctx_strategy(EveryN(5)), k=1).score(ids, window=16, stride=8)
+    assert res3.extra["fire_positions"] == [15, 20, 25, 30, 35]
 
 
 def test_engine_refuses_a_control_without_datastore(tiny_lm):
@@ -387,3 +394,53 @@ def test_every_design_preset_composes_and_validates():
         validate(cfg_for(["+strategy=once", "strategy/control=kv_injection"]))
     with pytest.raises(StrategyError, match=r"TagBias cannot use a 'chunks' datastore; it accepts \['tags'\]"):
         validate(cfg_for(["+strategy=per_sentence", "strategy/control=tag_bias"]))
+
+
+# --------------------------------------------------------------------------- tasks through rcd.run
+def test_lm_task_runs_context_presets_end_to_end(tmp_path):
+    """rcd.run on the LM task: perplexity through the engine, generation through the model.generate adapter."""
+    import json
+
+    from conftest import TEXTS, tiny_llama
+    from test_run import cfg_for
+
+    from rcd.run import execute
+
+    model, tok = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:2]))
+    held = "Whether the slings of fortune or the arrows of the mind, we suffer a sea of troubles.\n"
+    (tmp_path / "h.jsonl").write_text(json.dumps({"text": held}) + "\n")
+    setup = [f"model.name={tmp_path / 'm'}", "corpus=files", f"corpus.datastore.data_files={tmp_path / 'c.jsonl'}",
+             f"corpus.heldout.data_files={tmp_path / 'h.jsonl'}", "task.eval_tokens=40", "task.max_new_tokens=4",
+             "task.window=32", "task.stride=16", f"datastore_root={tmp_path / 'ds'}", f"runs_root={tmp_path / 'runs'}",
+             "progress=false"]
+    common = ["datastore.retriever=bm25", "datastore.chunking=sentence", "datastore.chunk_size=8",
+              "datastore.overlap=0"]
+    for preset in ("once", "every_n", "replug"):
+        res = execute(cfg_for([f"+strategy={preset}", "strategy.retrieval.k=2"] + common + setup))
+        p = res["metrics"]["perplexity"]
+        assert p["tokens"] == 39 and p["perplexity"] > 0 and p["perplexity"] != p["perplexity_none"]
+        # the first query waits for 16 tokens ("Whether the slin": BM25 finds "Whether"), then every 8
+        want = 1 if preset in ("once", "replug") else len([15] + list(range(16, 39, 8)))
+        assert p["retrieval_rate"] == pytest.approx(want / 39)
+        assert len(res["samples"][preset]) == 2 and res["metrics"]["generation"][preset]["new_tokens"] == 8
+
+
+def test_tag_perplexity_applies_the_bias_from_the_first_firing_position(tiny_lm):
+    from rcd.control.tag_bias import TagBias
+
+    tok = tiny_lm.tokenizer
+    ids = tok("hello. xyz world. xyz", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    sched = Sentence(boundary=".", newline=False).bind(tok)
+    st = Strategy("tags", datastore=FakeTags(), control=TagBias(beta=2.0, continuation=True), schedule=sched)
+    res = Engine(tiny_lm, st, k=2, tag_format="{tag}", min_query_tokens=1).score(ids, window=64, stride=32)
+    dots = [p for p in range(1, len(ids) - 1) if int(ids[p]) == tok.convert_tokens_to_ids(".")]
+    assert res.extra["fire_positions"] == [0] + dots and res.fired == 1 + len(dots)
+    with torch.no_grad():
+        logits = tiny_lm.model(ids.view(1, -1)).logits[0].float()
+    bias = torch.zeros(logits.shape[-1])
+    bias[tok.convert_tokens_to_ids("x")] = 1.0
+    want = -torch.log_softmax(logits[:-1] + 2.0 * bias, -1).gather(1, ids[1:].view(-1, 1)).squeeze(1)
+    assert res.nll == pytest.approx(want.double().numpy(), abs=1e-5)

@@ -10,7 +10,7 @@ from conftest import TEXTS
 from rcd.control.inject import InjectError, KNNAttention, KVInjection, find_rotary
 from rcd.datastore.latent import build_or_load, cache_layers
 from rcd.engine import Engine, Request
-from rcd.schedule import EveryToken, Once
+from rcd.schedule import EveryN, EveryToken, Once
 from rcd.strategy import Strategy, StrategyError, validate
 
 KW = dict(chunking="tokens", chunk_size=24, overlap=0, retriever="bm25", progress=False, batch_size=4)
@@ -170,3 +170,39 @@ def test_inject_cells_are_refused_at_start_up():
                             "datastore": {"unit": "latent", "memories": False}})
     with pytest.raises(StrategyError, match="datastore.memories=true"):
         validate(cfg)
+
+
+# --------------------------------------------------------------------------- scoring
+def test_injected_chunk_scores_like_its_text_in_context(tiny_lm, latent):
+    """Perplexity with one injected chunk (positions shift) = with the chunk text prepended (context)."""
+    from rcd.control.context import ContextControl, PromptTemplate
+
+    ids = tiny_lm.tokenizer("The slings and arrows of outrageous fortune", add_special_tokens=False,
+                            return_tensors="pt")["input_ids"][0]
+    kv = Engine(tiny_lm, Strategy("kv", datastore=latent, control=KVInjection(), schedule=EveryN(12)), k=1,
+                query_tokens=12, min_query_tokens=1)
+    ctx = Engine(tiny_lm, Strategy("c", datastore=latent, control=ContextControl(), schedule=EveryN(12)), k=1,
+                 query_tokens=12, template=PromptTemplate(footer=""), min_query_tokens=1)
+    a, b = kv.score(ids, window=128, stride=64), ctx.score(ids, window=128, stride=64)
+    # positions 0 (query "T": no BM25 hit, so the plain NLL stands), 12 ("The slings a"), 24, 36
+    assert a.fired == b.fired == 4
+    assert a.nll[:12] == pytest.approx(a.nll_none[:12], abs=1e-6)
+    assert a.nll == pytest.approx(b.nll, abs=1e-4)
+    assert not a.nll == pytest.approx(a.nll_none, abs=1e-3)
+
+
+def test_knn_attention_scoring(tiny_lm):
+    ids = torch.arange(3, 23)
+    mem = FixedMemories(32)
+    st0 = Strategy("ka", datastore=mem, control=KNNAttention(k=2, gate=0.0), schedule=EveryToken())
+    r0 = Engine(tiny_lm, st0).score(ids, window=16, stride=8)
+    assert r0.nll == pytest.approx(r0.nll_none, abs=1e-6) and r0.fired == 19
+    st = Strategy("ka", datastore=mem, control=KNNAttention(k=2, gate=0.5), schedule=EveryToken())
+    r = Engine(tiny_lm, st).score(ids, window=32, stride=32)  # one window: the hook on every position
+    ref = KNNAttention(k=2, gate=0.5).bind(datastore=mem).attach(tiny_lm.model)
+    try:
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny_lm.model(ids.view(1, -1)).logits[0, :-1].float(), -1)
+    finally:
+        ref.detach()
+    assert r.nll == pytest.approx((-lp.gather(1, ids[1:].view(-1, 1)).squeeze(1)).double().numpy(), abs=1e-5)
