@@ -276,3 +276,11 @@ def test_merge_with_a_missing_shard_says_which(tmp_path):
         build_or_load(None, ds, "mix", tmp_path, shard=2, num_shards=2, **kw)
     with pytest.raises(ValueError, match="max_chunks"):
         build_or_load(None, ds, "mix", tmp_path, shard=0, num_shards=2, max_chunks=3, **kw)
+
+
+def test_approximate_index_and_fp16_embeddings(tmp_path):
+    ds = build_or_load(None, corpus(TOPICS), "topics", tmp_path, chunking="record", retriever="dense",
+                       index_factory="HNSW8", key_dtype="float16", progress=False)
+    assert ds.embeddings.dtype == np.float16 and (ds.folder / "index" / "HNSW8-ip.faiss").exists()
+    assert ds.search([TOPICS[3], "a kitten resting by the window"], 1).ids[:, 0].tolist() == [3, 0]
+    assert "HNSW" in ds.describe()["index"]
