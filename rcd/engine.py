@@ -139,17 +139,6 @@ def _last_sentence(text: str) -> str:
     return parts[-1] if parts else ""
 
 
-class _Timer:
-    def __init__(self, cost: dict, key: str):
-        self.cost, self.key = cost, key
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.cost[self.key] += time.perf_counter() - self.t0
-
-
 class Engine:
     """Runs a strategy (datastore × control × schedule) over batches of prompts or a text.
 
@@ -298,6 +287,7 @@ class Engine:
                  positions: Optional[Sequence[int]] = None) -> None:
         for j, (r, q) in enumerate(zip(rows, queries)):
             rec = {"task": self.task, "strategy": self.name, "control": self.kind,
+                   "phase": "generate" if positions is None else "score",
                    "id": reqs[r].id if reqs else None, "row": int(r),
                    "step": int(step if positions is None else positions[j]), "query": q}
             if hasattr(hits, "tags"):

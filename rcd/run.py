@@ -75,6 +75,8 @@ def execute(cfg: DictConfig) -> dict:
     strat = strategy_mod.build(cfg, lm, corpus_ds, corpus_name=cfg.corpus.name, datastore_root=root)
     t_store = time.perf_counter() - t1
     provenance: list[dict] = []
+    if getattr(strat, "engine", None) is not None:
+        strat.engine.provenance = provenance  # retrievals of the engine (scoring, generation) go to provenance.jsonl
     task_fn = get_method(cfg.task._target_)
     res = task_fn(cfg, lm, strat, heldout, provenance)
     ds_info = strat.datastore.describe() if strat.datastore is not None else None

@@ -400,6 +400,7 @@ def test_every_design_preset_composes_and_validates():
 def test_lm_task_runs_context_presets_end_to_end(tmp_path):
     """rcd.run on the LM task: perplexity through the engine, generation through the model.generate adapter."""
     import json
+    from pathlib import Path
 
     from conftest import TEXTS, tiny_llama
     from test_run import cfg_for
@@ -426,6 +427,11 @@ def test_lm_task_runs_context_presets_end_to_end(tmp_path):
         want = 1 if preset in ("once", "replug") else len([15] + list(range(16, 39, 8)))
         assert p["retrieval_rate"] == pytest.approx(want / 39)
         assert len(res["samples"][preset]) == 2 and res["metrics"]["generation"][preset]["new_tokens"] == 8
+        prov = [json.loads(x) for x in (Path(res["run"]["folder"]) / "provenance.jsonl").read_text().splitlines()]
+        scoring = [p["step"] for p in prov if p["phase"] == "score"]
+        assert scoring == ([15] if preset != "every_n" else [15, 16, 24, 32])
+        assert all(p["query"] and p["doc_ids"] for p in prov)
+        assert sorted(p["row"] for p in prov if p["phase"] == "generate" and p["step"] == 0) == [0, 1]
 
 
 def test_tag_perplexity_applies_the_bias_from_the_first_firing_position(tiny_lm):
@@ -444,3 +450,18 @@ def test_tag_perplexity_applies_the_bias_from_the_first_firing_position(tiny_lm)
     bias[tok.convert_tokens_to_ids("x")] = 1.0
     want = -torch.log_softmax(logits[:-1] + 2.0 * bias, -1).gather(1, ids[1:].view(-1, 1)).squeeze(1)
     assert res.nll == pytest.approx(want.double().numpy(), abs=1e-5)
+
+
+def test_span_filter_only_emits_text_from_the_evidence(tiny_lm):
+    from rcd.control.span_filter import SpanFilter
+
+    prov: list = []
+    st = Strategy("span", datastore=FakeChunks(DOCS), control=SpanFilter(eos_token_id=-1), schedule=Once())
+    prompts = ["hello world", "to be or not to be", "a rose", "the cat"]
+    out = Engine(tiny_lm, st, k=2, max_new_tokens=12, provenance=prov).generate(prompts)
+    assert st.control.eos == [1]  # -1 in the config: the engine sets the tokenizer's eos
+    for b, text in enumerate(out.texts):
+        evidence = [DOCS[int(d[1:])] for d in prov[b]["doc_ids"]]
+        assert text and any(text in e for e in evidence), (text, evidence)
+        # it stops with eos as soon as the span cannot continue, or at max_new_tokens
+        assert out.token_ids[b][-1] == 1 or len(out.token_ids[b]) == 12
