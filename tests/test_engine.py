@@ -465,3 +465,28 @@ def test_span_filter_only_emits_text_from_the_evidence(tiny_lm):
         assert text and any(text in e for e in evidence), (text, evidence)
         # it stops with eos as soon as the span cannot continue, or at max_new_tokens
         assert out.token_ids[b][-1] == 1 or len(out.token_ids[b]) == 12
+
+
+def test_engine_runs_a_gpt2_model_with_absolute_positions():
+    """Explicit position ids make left padding and re-prefill exact for learned absolute positions too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import as_loaded, char_tokenizer
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                       bos_token_id=1, eos_token_id=1, pad_token_id=1)).eval()
+    lm = as_loaded(model, tok, name="gpt2-tiny")
+    out = Engine(lm, None, max_new_tokens=6, stop_at_eos=False).generate(PROMPTS)
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    ref = model.generate(**enc, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=1)
+    assert out.token_ids == ref[:, enc["input_ids"].shape[1]:].tolist()
+    trace: list = []
+    eng = Engine(lm, ctx_strategy(EveryN(3)), k=2, max_new_tokens=6, stop_at_eos=False, trace=trace)
+    eng.generate(PROMPTS)
+    for rec in trace:
+        for b, prompt in enumerate(PROMPTS):
+            ids = tok(eng.template.render(tok, prompt, rec["passages"][b]), add_special_tokens=False)["input_ids"]
+            assert torch.allclose(rec["logprobs"][b], fresh_logprobs(lm, ids + rec["gen"][b]), atol=1e-4)
