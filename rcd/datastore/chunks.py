@@ -193,9 +193,9 @@ def write_entries(tmp: Path, chunker: Chunker, corpus_ds, rows: range, *, max_ch
 
 
 def encode_entries(tmp: Path, texts: Strings, encoder, *, batch_size: int, key_dtype: str, progress: bool) -> dict:
-    """Embed every entry text in blocks, streaming into ``embeddings.npy``."""
+    """Embed every entry text in blocks, appending to ``embeddings.npy`` (sequential writes, bounded RAM)."""
     n = len(texts)
-    emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=key_dtype, shape=(n, encoder.dim))
+    emb = NpyAppender(tmp / "embeddings.npy", key_dtype, (encoder.dim,))
     block = max(1, batch_size) * 16
     it = range(0, n, block)
     if progress:
@@ -203,10 +203,8 @@ def encode_entries(tmp: Path, texts: Strings, encoder, *, batch_size: int, key_d
         it = tqdm(it, desc=f"encoding ({encoder.name})", unit="block", total=-(-n // block))
     for s in it:
         e = min(s + block, n)
-        emb[s:e] = encoder.encode(texts.block(s, e), batch_size=batch_size)
-    emb.flush()
-    del emb
-    return base.array_spec("embeddings.npy", (n, encoder.dim), key_dtype)
+        emb.append(encoder.encode(texts.block(s, e), batch_size=batch_size))
+    return emb.close()
 
 
 def bm25_tokenize(texts: Sequence[str]):

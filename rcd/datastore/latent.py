@@ -275,7 +275,11 @@ class _TokenSink:
 def write_latents(tmp: Path, lm, tokens: np.ndarray, offsets: np.ndarray, *, kv: bool, memories: bool,
                   memory_layer, memory_value_layer, kv_dtype: str, memory_dtype: str, batch_size: int,
                   progress: bool) -> dict:
-    """Run the LM over every chunk alone (positions from 0) and stream KV caches / memories to disk."""
+    """Run the LM over every chunk alone (positions from 0) and stream KV caches / memories to disk.
+
+    Chunks are processed in order and every array is appended sequentially to its file (not
+    memory-mapped while writing), so resident memory stays at one batch whatever the corpus size.
+    """
     model, dev = lm.model, lm.device
     n, T = len(offsets) - 1, int(offsets[-1])
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -283,17 +287,11 @@ def write_latents(tmp: Path, lm, tokens: np.ndarray, offsets: np.ndarray, *, kv:
     val_cap = (HiddenCapture(model, memory_value_layer)
                if memories and memory_value_layer is not None and str(memory_value_layer) != str(memory_layer) else None)
     out: dict[str, Any] = {"kv": None, "memories": None}
-    kv_arrays: list[np.ndarray] = []
-    mem_keys = mem_vals = None
+    kv_files: list[NpyAppender] = []
     H = lm.hidden_size
-    if memories:
-        mem_keys = np.lib.format.open_memmap(tmp / "memory_keys.npy", mode="w+", dtype=memory_dtype, shape=(T, H))
-        if val_cap is not None:
-            mem_vals = np.lib.format.open_memmap(tmp / "memory_values.npy", mode="w+", dtype=memory_dtype,
-                                                 shape=(T, H))
-    # chunks of equal length batch without padding waste: process in length order, write in place
+    mem_keys = NpyAppender(tmp / "memory_keys.npy", memory_dtype, (H,)) if memories else None
+    mem_vals = NpyAppender(tmp / "memory_values.npy", memory_dtype, (H,)) if val_cap is not None else None
     lengths = np.diff(offsets)
-    order = np.argsort(-lengths, kind="stable")
     it = range(0, n, batch_size)
     if progress:
         from tqdm import tqdm
@@ -309,58 +307,50 @@ def write_latents(tmp: Path, lm, tokens: np.ndarray, offsets: np.ndarray, *, kv:
     try:
         with torch.inference_mode():
             for b in it:
-                sel = order[b:b + batch_size]
-                L = int(lengths[sel].max())
+                sel = range(b, min(b + batch_size, n))
+                L = int(lengths[sel.start:sel.stop].max())
                 ids = torch.full((len(sel), L), pad, dtype=torch.long)
                 mask = torch.zeros((len(sel), L), dtype=torch.long)
                 for r, c in enumerate(sel):
                     x = np.asarray(tokens[offsets[c]:offsets[c + 1]], dtype=np.int64)
                     ids[r, :len(x)] = torch.from_numpy(x)
                     mask[r, :len(x)] = 1
+                valid = mask.bool().view(-1)  # real tokens of the batch, in chunk order
                 res = runner(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=kv)
                 if kv:
                     layers = cache_layers(res.past_key_values)
-                    if not kv_arrays:
+                    if not kv_files:
                         (tmp / "kv").mkdir()
-                        for li, (kk, _) in enumerate(layers):
-                            kv_arrays.append(np.lib.format.open_memmap(
-                                tmp / "kv" / f"layer{li:03d}.npy", mode="w+", dtype=kv_dtype,
-                                shape=(T, 2, kk.shape[1], kk.shape[3])))
-                    for li, (kk, vv) in enumerate(layers):
-                        both = torch.stack([kk, vv], 1).transpose(2, 3).float().cpu().numpy()  # [B, 2, L, h, d]
-                        for r, c in enumerate(sel):
-                            s, e = offsets[c], offsets[c + 1]
-                            kv_arrays[li][s:e] = both[r, :, :e - s].transpose(1, 0, 2, 3)
+                        kv_files = [NpyAppender(tmp / "kv" / f"layer{li:03d}.npy", kv_dtype,
+                                                (2, kk.shape[1], kk.shape[3])) for li, (kk, _) in enumerate(layers)]
+                    for f, (kk, vv) in zip(kv_files, layers):
+                        both = torch.stack([kk, vv], 2).transpose(1, 3)  # [B, L, 2, h, d]
+                        f.append(both.reshape(-1, *both.shape[2:])[valid.to(both.device)].float().cpu().numpy())
                 if memories:
-                    hk = key_cap.hidden.float().cpu().numpy()
-                    hv = val_cap.hidden.float().cpu().numpy() if val_cap is not None else None
-                    for r, c in enumerate(sel):
-                        s, e = offsets[c], offsets[c + 1]
-                        mem_keys[s:e] = hk[r, :e - s]
-                        if hv is not None:
-                            mem_vals[s:e] = hv[r, :e - s]
+                    hk = key_cap.hidden
+                    mem_keys.append(hk.reshape(-1, H)[valid.to(hk.device)].float().cpu().numpy())
+                    if mem_vals is not None:
+                        hv = val_cap.hidden
+                        mem_vals.append(hv.reshape(-1, H)[valid.to(hv.device)].float().cpu().numpy())
     finally:
         for c in caps:
             c.detach()
     if kv:
         specs = []
-        for li, a in enumerate(kv_arrays):
-            a.flush()
-            specs.append(base.array_spec(f"kv/layer{li:03d}.npy", a.shape, kv_dtype))
+        for li, f in enumerate(kv_files):
+            spec = f.close()
+            assert spec["shape"][0] == T, (spec, T)
+            specs.append({**spec, "file": f"kv/layer{li:03d}.npy"})
         out["kv"] = {"layers": specs, "num_layers": len(specs), "kv_heads": specs[0]["shape"][2],
                      "head_dim": specs[0]["shape"][3], "dtype": kv_dtype,
                      "positions": "each chunk alone from position 0 (keys rotated for 0..L-1)"}
-        del kv_arrays
     if memories:
-        mem_keys.flush()
+        keys = mem_keys.close()
+        assert keys["shape"][0] == T, (keys, T)
         out["memories"] = {"layer": _layer_name(memory_layer),
                            "value_layer": _layer_name(memory_value_layer if val_cap is not None else memory_layer),
-                           "keys": base.array_spec("memory_keys.npy", (T, H), memory_dtype),
-                           "values": base.array_spec("memory_values.npy", (T, H), memory_dtype) if val_cap else None,
+                           "keys": keys, "values": mem_vals.close() if mem_vals is not None else None,
                            "dtype": memory_dtype}
-        if mem_vals is not None:
-            mem_vals.flush()
-        del mem_keys, mem_vals
     return out
 
 
