@@ -38,3 +38,9 @@ data: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The paper: run experiments/*.yaml (finished runs are reused), then write paper/tables (Markdown + LaTeX,
+# bootstrap 95% CIs), paper/figures (PNG + PDF) and paper/paper.md. SCALE=small (default; 2-core CPU,
+# under an hour) or SCALE=full (GPU).
+paper: setup
+	$(BIN)/python scripts/paper.py all --scale $(or $(SCALE),small)

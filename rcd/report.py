@@ -144,6 +144,16 @@ def fmt_ci(e: Optional[Estimate], digits: int = 2, scale: float = 1.0, pct: bool
     return s
 
 
+def fmt_rate(x: Optional[float]) -> str:
+    """A rate in [0, 1]: 3 decimals, or 2 significant digits below 0.01 (one retrieval in 2,047
+    tokens is ``0.00049``, not ``0.000``)."""
+    if x is None:
+        return MISSING
+    if 0 < x < 0.01:
+        return f"{x:.2g}" if x >= 1e-4 else f"{x:.1e}"
+    return f"{x:.3f}"
+
+
 def fmt_int(x: Optional[float]) -> str:
     return MISSING if x is None else f"{int(x):,}"
 
@@ -164,8 +174,8 @@ class Table:
         line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
         out = [f"**{self.title}**", "", line(self.columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         out += [line(r) for r in self.rows]
-        if self.notes:
-            out += [""] + list(self.notes)
+        for note in self.notes:
+            out += ["", note]
         return "\n".join(out) + "\n"
 
     def latex(self) -> str:
@@ -265,8 +275,8 @@ def load_spec(path: Path | str) -> dict:
     for req in ("title", "kind", "layout"):
         if req not in spec:
             raise ValueError(f"{path}: experiment spec needs {req!r}")
-    if not spec.get("rows") and not spec.get("series"):
-        raise ValueError(f"{path}: experiment spec needs rows: (tables) or series: (figures)")
+    if not spec.get("rows") and not spec.get("series") and not spec.get("from"):
+        raise ValueError(f"{path}: experiment spec needs rows: (tables), series: (figures) or from: (cost)")
     return spec
 
 
@@ -433,12 +443,13 @@ def quality(res: dict) -> Optional[Estimate]:
     return exact_match(res) if is_qa(res) else lm_perplexity(res)
 
 
-def grid_cell(config: dict) -> str:
-    """``what · how · when`` of a run's config, e.g. ``tokens · KNNInterpolation · EveryN(n=4)``."""
+def grid_axes(config: dict) -> Optional[tuple[str, str, str]]:
+    """(what, how, when) of a resolved config: datastore unit, control class, schedule class with its
+    n / threshold, e.g. ``("tokens", "KNNInterpolation", "EveryN(n=4)")``; None for the plain model."""
     strat = config.get("strategy") or {}
     ctl = (strat.get("control") or {}).get("_target_")
     if not ctl:
-        return MISSING
+        return None
     what = (config.get("datastore") or {}).get("unit") or MISSING
     sched = strat.get("schedule") or {}
     when = MISSING
@@ -446,7 +457,13 @@ def grid_cell(config: dict) -> str:
         when = sched["_target_"].rsplit(".", 1)[-1]
         args = [f"{k}={v}" for k, v in sched.items() if k in ("n", "threshold")]
         when += f"({', '.join(args)})" if args else ""
-    return f"{what} · {ctl.rsplit('.', 1)[-1]} · {when}"
+    return what, ctl.rsplit(".", 1)[-1], when
+
+
+def grid_cell(config: dict) -> str:
+    """``what · how · when`` of a run's config, e.g. ``tokens · KNNInterpolation · EveryN(n=4)``."""
+    axes = grid_axes(config)
+    return MISSING if axes is None else " · ".join(axes)
 
 
 # =========================================================================== tables
@@ -478,7 +495,7 @@ def lm_table(title: str, rows: Sequence[Row], label: str = "") -> Table:
             fmt_ci(lm_perplexity(res)),
             MISSING if base else fmt_ci(lm_change(res), digits=1, pct=True),
             fmt_num(p.get("bits_per_byte_none") if base else p.get("bits_per_byte"), 4),
-            fmt_num(retrieval_rate(res), 3),
+            fmt_rate(retrieval_rate(res)),
             fmt_num(tokens_per_second(res), 1),
             fmt_num(throughput_ratio(res), 2),
             fmt_int(dig(res, "datastore.size")),
@@ -507,7 +524,7 @@ def qa_table(title: str, rows: Sequence[Row], groups: dict[str, str], label: str
             fmt_ci(exact_match(res), digits=3),
             fmt_num(f1.value if f1 else None, 3),
             fmt_num(q.get("recall"), 3),
-            fmt_num(retrieval_rate(res), 3),
+            fmt_rate(retrieval_rate(res)),
             fmt_num(time_to_first_token(res), 3),
             fmt_num(tokens_per_second(res), 1),
         ])
@@ -546,6 +563,11 @@ def rows_of(collected: Sequence[tuple[Resolved, Optional[Run]]]) -> list[Row]:
     return [Row(r.point.key, r.point.label, r.point.group, run) for r, run in collected]
 
 
+def entries_or_empty(spec: dict, scale: str) -> list[Entry]:
+    """:func:`entries`, or [] for a spec that runs nothing itself (a cost table ``from:`` others)."""
+    return entries(spec, scale) if (spec.get("rows") or spec.get("series")) else []
+
+
 def build_table(spec: dict, rows: Sequence[Row]) -> Table:
     layout = spec["layout"]
     if layout == "lm":
@@ -566,6 +588,103 @@ def table_values(spec: dict, rows: Sequence[Row], table: Table) -> dict[str, str
         base = f"{spec['name']}.{r.key}" + (f".{r.group}" if r.group else "")
         for k, c in zip(keys, cells):
             out[f"{base}.{k}"] = c
+    return out
+
+
+def presets_table(title: str, conf_dir: Path = CONF) -> Table:
+    """Every preset in ``conf/strategy/*.yaml`` with the grid cell it composes to (read from config)."""
+    from omegaconf import OmegaConf
+
+    rows = []
+    for f in sorted((conf_dir / "strategy").glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            cfg = OmegaConf.to_container(compose([f"+strategy={f.stem}"]), resolve=False)
+            axes = grid_axes(cfg) or (MISSING, MISSING, MISSING)
+        except (HydraException, OmegaConfBaseException, ValueError) as e:  # say so instead of failing the table
+            axes = (MISSING, MISSING, f"(does not compose: {str(e).splitlines()[0][:60]})")
+        rows.append([f.stem, *axes, first])
+    notes = ["Generated from `conf/strategy/*.yaml`: what = datastore unit, how = control class, "
+             "when = schedule class; the description is the preset file's first comment line."]
+    return Table(title, ["preset", "what", "how", "when", "description"], rows, notes, "presets")
+
+
+def scales_table(title: str, specs: Sequence[dict]) -> Table:
+    """The overrides each experiment adds at each scale (what "small" and "full" mean)."""
+    rows = []
+    for spec in specs:
+        if not (spec.get("rows") or spec.get("series")):
+            continue
+        cells = []
+        for scale in SCALES:
+            common = list(at_scale(spec.get("scales", {}), scale) or [])
+            cell = " ".join(f"`{o}`" for o in common) or "defaults"
+            per_row: dict[str, list[str]] = {}
+            for e in spec.get("rows") or spec.get("series") or []:
+                for o in at_scale(e.get("scales", {}), scale) or []:
+                    per_row.setdefault(o, []).append(e["key"])
+                sweep = {k: at_scale(v, scale) for k, v in (e.get("sweep") or {}).items()}
+                for k, v in sweep.items():
+                    per_row.setdefault(f"{k}∈{{{', '.join(override_value(x) for x in v)}}}", []).append(e["key"])
+                if scale in (e.get("skip_scales") or []):
+                    per_row.setdefault("not run", []).append(e["key"])
+            for o, keys in per_row.items():
+                cell += f"; `{o}` ({', '.join(keys)})"
+            cells.append(cell)
+        rows.append([f"`{spec['name']}`", spec["title"].split(".")[0], *cells])
+    return Table(title, ["experiment", "for", "small", "full"], rows,
+                 ["Overrides that only some rows add name those rows in parentheses; `k∈{…}` is a sweep (one run per value)."], "scales")
+
+
+def config_values(overrides: Sequence[str], prefix: str = "conf") -> dict[str, str]:
+    """Scalar leaves of the composed config as ``conf.<dotted path>`` -> value, so the paper's
+    prose quotes settings from the config rather than by hand ({} if it does not compose)."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.to_container(compose(overrides), resolve=True)
+    except (HydraException, OmegaConfBaseException, ValueError):
+        return {}
+    out: dict[str, str] = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}")
+        elif not isinstance(node, list):
+            out[path] = override_value(node)
+
+    walk(cfg, prefix)
+    return out
+
+
+def figure_values(spec: dict, collected: Sequence[tuple[Resolved, Optional[Run]]]) -> dict[str, str]:
+    """Numbers of a figure for the paper's prose: ``<name>.best_k/best_lmbda/best_perplexity`` (knn_grid),
+    ``<name>.<series>.<param values>.rate/quality`` (pareto, size)."""
+    out: dict[str, str] = {}
+    name = spec["name"]
+    for r, run in collected:
+        if run is None:
+            continue
+        if spec["layout"] == "knn_grid":
+            pts = dig(run.results, "metrics.knn_grid.points") or []
+            if pts:
+                best = min(pts, key=lambda p: p["perplexity"])
+                out.update({f"{name}.best_k": str(best["k"]), f"{name}.best_lmbda": f"{best['lmbda']:g}",
+                            f"{name}.best_perplexity": f"{best['perplexity']:.2f}",
+                            f"{name}.perplexity_none": fmt_num(dig(run.results, "metrics.perplexity.perplexity_none"))})
+            continue
+        tag = "_".join(override_value(v) for v in r.point.params.values()) or "run"
+        base = f"{name}.{r.point.key}" + (f".{r.point.group}" if r.point.group else "") + f".{tag}"
+        q = quality(run.results)
+        out[f"{base}.rate"] = fmt_rate(retrieval_rate(run.results))
+        out[f"{base}.quality"] = fmt_num(q.value if q else None, 3 if is_qa(run.results) else 2)
+        out[f"{base}.entries"] = fmt_int(dig(run.results, "datastore.size"))
     return out
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,7 +57,17 @@ def root_of(spec: dict, runs: Path) -> Path:
 def run_experiments(args) -> dict:
     """Run every pending point; returns the regeneration record (also written to paper/tables)."""
     t_all = time.perf_counter()
-    record = {"scale": args.scale, "threads": args.threads, "experiments": []}
+    record = {"scale": args.scale, "threads": args.threads, "machine": machine(), "experiments": []}
+    loads: list[float] = []
+    stop = threading.Event()
+
+    def sample_load():  # the machine may be shared: keep its load next to the wall time
+        while not stop.is_set():
+            loads.append(os.getloadavg()[0])
+            stop.wait(15)
+
+    sampler = threading.Thread(target=sample_load, daemon=True)
+    sampler.start()
     for spec in specs(args.only):
         if not runnable(spec):
             continue
@@ -103,20 +114,46 @@ def run_experiments(args) -> dict:
         rec["wall_s"] = round(time.perf_counter() - t0, 1)
         record["experiments"].append(rec)
     record["wall_s"] = round(time.perf_counter() - t_all, 1)
+    stop.set()
+    sampler.join()
+    record["load_mean"] = round(sum(loads) / len(loads), 2)
+    record["load_max"] = round(max(loads), 2)
     return record
 
 
-def write_regeneration(record: dict, out: Path) -> None:
-    """Write ``regeneration.json``/``.md``; a partial run (--only) updates its experiments' entries."""
+def machine() -> str:
+    """CPU model and core count, and the GPU if ``nvidia-smi`` sees one."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = f"{os.cpu_count()} cores of {cpu}"
+    try:
+        gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout.strip()
+        if gpus:
+            out += "; " + "; ".join(g.split(" (UUID")[0] for g in gpus.splitlines())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
+    """Write ``regeneration.json``/``.md``; ``merge`` (a run with --only) updates only its experiments'
+    entries of the previous record of the same scale."""
     out.mkdir(parents=True, exist_ok=True)
     old = out / "regeneration.json"
-    if old.is_file():
+    if merge and old.is_file():
         prev = json.loads(old.read_text())
         if prev.get("scale") == record["scale"]:
             mine = {e["name"] for e in record["experiments"]}
             merged = [e for e in prev["experiments"] if e["name"] not in mine] + record["experiments"]
             record["experiments"] = sorted(merged, key=lambda e: e["name"])
             record["wall_s"] = round(sum(e["wall_s"] for e in record["experiments"]), 1)
+            record["partial"] = True  # merged from more than one invocation
     (out / "regeneration.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = [[e["name"], str(e["points"]), str(e["ran"]), str(e["reused"]), str(e["failed"]), f"{e['wall_s']:.0f}",
              "; ".join(e["skipped"]) or report.MISSING] for e in record["experiments"]]
@@ -124,7 +161,10 @@ def write_regeneration(record: dict, out: Path) -> None:
     t = report.Table(f"Regeneration log (scale: {record['scale']})",
                      ["experiment", "points", "ran", "reused", "failed", "wall (s)", "skipped / failed rows"], rows,
                      [f"Command: `{cmd}`; total wall time {record['wall_s']:.0f} s "
-                      f"({record['wall_s'] / 60:.1f} min); threads per run: {record['threads'] or 'torch default'}. "
+                      f"({record['wall_s'] / 60:.1f} min) on {record.get('machine', 'an unrecorded machine')}; "
+                      f"threads per run: {record['threads'] or 'torch default'}; "
+                      f"1-minute load average during the runs: mean {record.get('load_mean', '?')}, "
+                      f"max {record.get('load_max', '?')} ({os.cpu_count()} cores; other jobs share the machine). "
                       "Wall time depends on how many runs were reused and on the machine's load."])
     (out / "regeneration.md").write_text(t.markdown())
 
@@ -168,9 +208,18 @@ def make_tables(args) -> dict[str, str]:
         (out / f"{spec['name']}.tex").write_text(table.latex())
         values.update(report.table_values(spec, rows, table))
         print(f"[paper] table {out / (spec['name'] + '.md')}: {sum(r.run is not None for r in rows)}/{len(rows)} rows")
+    values.update(report.config_values(["+strategy=per_token"]))
+    scales = report.scales_table("What each scale runs", specs(None))
+    scales.notes.append(f"Scale of this build: **{args.scale}**.")
+    for name, t in (("presets", report.presets_table("Presets: named points of the grid")), ("scales", scales)):
+        (out / f"{name}.md").write_text(t.markdown())
+        (out / f"{name}.tex").write_text(t.latex())
     for spec in specs(None):
         if runnable(spec):
-            for _r, run in report.collect(spec, args.scale, root_of(spec, args.runs)):
+            col = report.collect(spec, args.scale, root_of(spec, args.runs))
+            if spec["kind"] == "figure":
+                values.update(report.figure_values(spec, col))
+            for _r, run in col:
                 if run is not None:
                     n_runs += 1
                     compute_s += float(report.dig(run.results, "timing.total_s", 0.0))
@@ -183,6 +232,8 @@ def make_tables(args) -> dict[str, str]:
         values["regen.scale"] = r["scale"]
         values["regen.ran"] = str(sum(e["ran"] for e in r["experiments"]))
         values["regen.reused"] = str(sum(e["reused"] for e in r["experiments"]))
+        values["regen.machine"] = r.get("machine", report.MISSING)
+        values["regen.threads"] = str(r.get("threads") or "torch's default number of")
     (out / "values.json").write_text(json.dumps(values, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     return values
 
@@ -242,7 +293,7 @@ def main(argv=None) -> None:
     if args.command in ("run", "all"):
         record = run_experiments(args)
         record["command"] = "python scripts/paper.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_regeneration(record, args.out / "tables")
+        write_regeneration(record, args.out / "tables", merge=bool(args.only))
         print(f"[paper] runs: {record['wall_s']:.0f} s", flush=True)
     if args.command in ("tables", "all"):
         make_tables(args)

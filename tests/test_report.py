@@ -39,6 +39,7 @@ def test_bootstrap_ci_on_a_fixed_sample():
     assert (d.value, d.low, d.high) == pytest.approx((math.expm1(m), math.expm1(lo), math.expm1(hi)), rel=1e-12)
     assert d.value == pytest.approx(math.exp(np.mean(NLL)) / math.exp(np.mean(NLL_NONE)) - 1, rel=1e-12)
     assert report.fmt_ci(d, digits=1, pct=True) == "-16.8% [-26.5, -5.7]"
+    assert [report.fmt_rate(x) for x in (1 / 2047, 0.25, 0.0, None)] == ["0.00049", "0.250", "0.000", "–"]
     assert report.mean_ci([1, 0, 1, 1]) == report.mean_ci([1, 0, 1, 1])  # seeded: same interval every time
     with pytest.raises(ValueError, match="differ in length"):
         report.relative_change_ci([1.0], [1.0, 2.0])
@@ -303,3 +304,17 @@ def test_paper_script_skips_finished_runs_and_reruns_unfinished(tiny_overrides, 
     assert kept.stat().st_mtime_ns == mtime and (folders[0] / "results.json").is_file()
     assert (paper / "tables" / "tiny.md").read_text() == md  # same runs, same numbers, same table
     assert json.loads(kept.read_text())["per_example"] == first_nll
+
+
+def test_scales_table_names_the_overrides_of_each_scale():
+    t = report.scales_table("S", [SPEC, {"name": "cost", "title": "C", "from": ["exp"]}])
+    assert t.rows == [["`exp`", "T",
+                       "`task.eval_tokens=64`; `strategy.control.k∈{8, 16}` (knn); `strategy.control.lmbda∈{0.1, 0.2}` (knn)",
+                       "`task.eval_tokens=null`; `datastore.max_tokens=null` (knn); `strategy.control.k∈{256}` (knn); "
+                       "`strategy.control.lmbda∈{0.1, 0.2}` (knn); `not run` (later)"]]
+
+
+def test_config_values_quote_settings_from_the_composed_config():
+    v = report.config_values(["+strategy=per_token", "strategy.control.k=32", "task.window=64"])
+    assert (v["conf.strategy.control.k"], v["conf.task.window"], v["conf.strategy.name"]) == ("32", "64", "per_token")
+    assert report.config_values(["+strategy=no_such_preset"]) == {}
