@@ -24,12 +24,14 @@ How each control acts ("kind", see :func:`control_kind`):
 Batching and the cache
 ----------------------
 Rows are left-padded; position ids are explicit (``cumsum(mask) - 1`` plus the prefix length),
-so rows of different lengths share one :class:`transformers.DynamicCache`. When *any* row needs
-a new prompt (context / REPLUG / injection fired, or verify rolled a sentence back), the whole
-batch is re-prefilled from token ids (each row: its current prompt + the token ids it generated),
-not only the rows that fired: the simplest correct batched scheme (the other rows' next-token
-distributions are recomputed from the same tokens and stay the same up to float error). The
-generated text is never re-tokenized, so re-prefill reproduces a fresh forward pass exactly.
+so rows of different lengths share one :class:`transformers.DynamicCache`. A row whose prompt
+changes (context / REPLUG / injection fired, or verify rolled a sentence back) is re-prefilled
+from token ids (its new prompt + the token ids it generated; the generated text is never
+re-tokenized, so this reproduces a fresh forward pass). When every row changes, the batch is
+prefilled afresh; when only some do, the others take their pending token as a normal step, the
+changed rows are prefilled on their own, and their cache rows are spliced into the batch cache
+(both sides left-padded to the longer length; a cache with sliding-window layers falls back to
+re-prefilling the whole batch).
 
 Schedules that do not read probabilities (once, every_n, sentence, every_token) are asked
 *before* the forward pass of their step, so a firing step costs one prefill, not a step plus a
@@ -457,12 +459,15 @@ class _Run:
         self.gen_seed = torch.Generator(device="cpu").manual_seed(engine.seed)
         self.mem_active: Optional[torch.Tensor] = None
         self.no_rollback = False
+        self.dirty: set[int] = set()  # rows whose prompt changed: re-prefilled at the next ensure_logits
 
     # ---------------------------------------------------------------- prompts
-    def seqs(self) -> list[list[int]]:
+    def seqs(self, rows: Optional[Sequence[int]] = None) -> list[list[int]]:
+        """Token ids each view reads: its prompt (with the row's evidence) + the row's generated tokens."""
         e = self.e
         out = []
-        for b, req in enumerate(self.reqs):
+        for b in (range(self.B) if rows is None else rows):
+            req = self.reqs[b]
             if self.kind == "replug":
                 ps = self.passages[b]
                 for v in range(self.V):
@@ -483,24 +488,39 @@ class _Run:
                     s[b, v] = ps[v].score
         return s
 
-    def rebuild(self) -> None:
+    def prefill_rows(self, rows: Sequence[int]) -> "_CacheState":
         prefix = None
-        if self.kind == "latent_kv" and any(self.latent_ids):
-            prefix = self.e.control.prefix(self.e.lm, self.latent_ids, self.cost)
+        if self.kind == "latent_kv" and any(self.latent_ids[b] for b in rows):
+            prefix = self.e.control.prefix(self.e.lm, [self.latent_ids[b] for b in rows], self.cost)
+        return self.e.prefill(self.seqs(rows), self.cost, prefix=prefix)
+
+    def rebuild(self) -> None:
         if self.kind == "knn_attention":
             self.e.control.active = self.mem_active
-        self.state = self.e.prefill(self.seqs(), self.cost, prefix=prefix)
+        self.state = self.prefill_rows(range(self.B))
         self.pending = None
+        self.dirty.clear()
 
     def ensure_logits(self) -> None:
-        if self.state is None:
+        """Bring the cache up to date: full prefill, or feed the pending token and re-prefill dirty rows."""
+        if self.state is None or len(self.dirty) == self.B:
             self.rebuild()
-        elif self.pending is not None:
+            return
+        if self.pending is not None:
             if self.kind == "knn_attention":
                 self.e.control.active = self.mem_active
             tokens = self.pending.repeat_interleave(self.V)
             self.state = self.e.step(self.state, tokens, self.cost)
             self.pending = None
+        if self.dirty:
+            rows = sorted(self.dirty)
+            self.dirty.clear()
+            views = [b * self.V + v for b in rows for v in range(self.V)]
+            merged = _splice(self.state, self.prefill_rows(rows), views)
+            if merged is None:  # a cache layout that cannot be spliced: re-prefill everything
+                self.rebuild()
+            else:
+                self.state = merged
 
     # ---------------------------------------------------------------- retrieval
     def last_tokens(self) -> Optional[torch.Tensor]:
@@ -603,13 +623,11 @@ class _Run:
                 self.skip_fire[b] = True
                 if c.regenerate == "evidence":
                     self.in_context[b] = True
+                self.dirty.add(b)  # re-prefill the rolled-back row (with the evidence in context)
             else:
                 self.sent_start[b] = len(self.gen[b]) - (1 if at_eos else 0)
                 self.retries[b] = 0
                 c.clear(b)
-        if rejected:
-            self.state = None  # re-prefill with the rolled-back rows (and evidence in context)
-            self.pending = None
         return rejected
 
     def decode_words(self, ids: Sequence[int]) -> bool:
@@ -677,8 +695,7 @@ class _Run:
         if bool(fire.any()):
             self.act(fire)
             if self.kind in REBUILD_KINDS:
-                self.state = None
-                self.pending = None
+                self.dirty.update(b for b in range(self.B) if bool(fire[b]))
             elif self.kind == "knn_attention":
                 self.mem_active = fire.repeat_interleave(self.V)
                 if self.state is not None and self.pending is None:  # adaptive: logits computed without memories
@@ -727,6 +744,42 @@ class _Run:
                 self.pending = nxt
         self.cost["tokens"] = sum(len(g) for g in self.gen)
         self.cost["wall_s"] = time.perf_counter() - t_start
+
+
+def _splice(old: "_CacheState", sub: "_CacheState", rows: Sequence[int]) -> Optional["_CacheState"]:
+    """``old`` with cache rows ``rows`` replaced by ``sub`` (both left-padded to the longer length).
+
+    Returns None when a cache layer is not a plain growing layer (e.g. sliding window), which
+    the caller answers with a full re-prefill.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers_old, layers_sub = old.cache.layers, sub.cache.layers
+    if any(type(x) is not DynamicLayer or isinstance(x, DynamicSlidingWindowLayer) for x in layers_old + layers_sub):
+        return None
+    L0, L1 = old.mask.shape[1], sub.mask.shape[1]
+    L = max(L0, L1)
+    idx = torch.tensor(list(rows), dtype=torch.long, device=old.mask.device)
+
+    def pad(x, n, dim):  # left-pad dimension ``dim`` of x to length n with zeros
+        if x.shape[dim] == n:
+            return x
+        shape = list(x.shape)
+        shape[dim] = n - x.shape[dim]
+        return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+    for lo, ls in zip(layers_old, layers_sub):
+        k, v = pad(lo.keys, L, 2), pad(lo.values, L, 2)
+        k[idx] = pad(ls.keys, L, 2).to(k.dtype)
+        v[idx] = pad(ls.values, L, 2).to(v.dtype)
+        lo.keys, lo.values = k, v
+    mask = pad(old.mask, L, 1)
+    mask[idx] = pad(sub.mask, L, 1)
+    next_pos = old.next_pos.clone()
+    next_pos[idx] = sub.next_pos
+    logits = old.logits.clone()
+    logits[idx] = sub.logits
+    return _CacheState(cache=old.cache, mask=mask, next_pos=next_pos, logits=logits, last=old.last)
 
 
 def _merge(old: list[Passage], new: list[Passage]) -> list[Passage]:

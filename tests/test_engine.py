@@ -145,6 +145,15 @@ def test_adaptive_fires_where_confidence_is_low(tiny_lm):
                 want.append(t)
         assert got == want
         assert 1 < len(got) < 10  # fires at some steps but not all
+    # rows fire at different steps: only the firing rows are re-prefilled and spliced into the batch
+    # cache, and every row's distribution still equals a fresh pass over its own full prompt
+    fired_rows = [tuple(bool(f) for f in rec["fire"]) for rec in trace]
+    assert any(len(set(f)) == 2 for f in fired_rows)
+    for rec in trace:
+        for b in range(2):
+            text = eng.template.render(tiny_lm.tokenizer, PROMPTS[b], rec["passages"][b])
+            ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"] + rec["gen"][b]
+            assert torch.allclose(rec["logprobs"][b], fresh_logprobs(tiny_lm, ids), atol=1e-4)
 
 
 class ZeroKnnStore:

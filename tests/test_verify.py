@@ -130,3 +130,24 @@ def test_regenerate_with_evidence_puts_passages_in_the_prompt(tiny_lm):
     ref[tiny_lm.tokenizer(rejected, add_special_tokens=False)["input_ids"][0]] = -math.inf
     ref = torch.log_softmax(ref, -1)
     assert torch.allclose(rec["logprobs"][0], ref, atol=1e-4)
+
+
+def test_batched_verification_equals_one_row_at_a_time(tiny_lm):
+    """Rows roll back at different steps; the spliced batch cache gives each row its own decoding."""
+    plain = Engine(tiny_lm, None, max_new_tokens=10, stop_at_eos=False).generate(["hello world"])
+    boundary = tiny_lm.tokenizer.decode([plain.token_ids[0][2]])
+    prompts = ["hello world", "to be or not", "the cat sat"]
+
+    def run(ps):
+        prov: list = []
+        v = Verify(threshold=0.9, max_retries=1, regenerate="evidence")
+        st = Strategy("v", datastore=FakeChunks(["zzzz qqqq", "hello there world"]), control=v,
+                      schedule=_sentence(tiny_lm, boundary))
+        out = Engine(tiny_lm, st, k=1, max_new_tokens=10, stop_at_eos=False, provenance=prov).generate(ps)
+        return out.token_ids, [(p["sentence"], p["decision"]) for p in prov if p.get("event") == "verify"]
+
+    both_ids, both_log = run(prompts)
+    singles = [run([p]) for p in prompts]
+    assert both_ids == [s[0][0] for s in singles]
+    assert sorted(both_log) == sorted(x for s in singles for x in s[1])
+    assert any(d == "reject" for _, d in both_log)
