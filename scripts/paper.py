@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -72,7 +73,7 @@ def run_experiments(args) -> dict:
         if not runnable(spec):
             continue
         root = root_of(spec, args.runs)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), children_cpu()
         rec = {"name": spec["name"], "points": 0, "reused": 0, "ran": 0, "failed": 0, "skipped": []}
         for entry in report.entries(spec, args.scale):
             resolved = [report.resolve(p, root) for p in entry.points()]
@@ -112,13 +113,21 @@ def run_experiments(args) -> dict:
                 rec["skipped"].append(f"{entry.key}{'/' + entry.group if entry.group else ''}: failed, see {log}")
             print(f"[paper] {tag}: {msg}", flush=True)
         rec["wall_s"] = round(time.perf_counter() - t0, 1)
+        rec["cpu_s"] = round(children_cpu() - cpu0, 1)
         record["experiments"].append(rec)
     record["wall_s"] = round(time.perf_counter() - t_all, 1)
+    record["cpu_s"] = round(sum(e["cpu_s"] for e in record["experiments"]), 1)
     stop.set()
     sampler.join()
     record["load_mean"] = round(sum(loads) / len(loads), 2)
     record["load_max"] = round(max(loads), 2)
     return record
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes (the runs) so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def machine() -> str:
@@ -153,15 +162,18 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
             merged = [e for e in prev["experiments"] if e["name"] not in mine] + record["experiments"]
             record["experiments"] = sorted(merged, key=lambda e: e["name"])
             record["wall_s"] = round(sum(e["wall_s"] for e in record["experiments"]), 1)
+            record["cpu_s"] = round(sum(e.get("cpu_s", 0.0) for e in record["experiments"]), 1)
             record["partial"] = True  # merged from more than one invocation
     (out / "regeneration.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = [[e["name"], str(e["points"]), str(e["ran"]), str(e["reused"]), str(e["failed"]), f"{e['wall_s']:.0f}",
-             "; ".join(e["skipped"]) or report.MISSING] for e in record["experiments"]]
+             f"{e.get('cpu_s', 0.0):.0f}", "; ".join(e["skipped"]) or report.MISSING] for e in record["experiments"]]
     cmd = record.get("command", "")
     t = report.Table(f"Regeneration log (scale: {record['scale']})",
-                     ["experiment", "points", "ran", "reused", "failed", "wall (s)", "skipped / failed rows"], rows,
+                     ["experiment", "points", "ran", "reused", "failed", "wall (s)", "CPU (s)", "skipped / failed rows"],
+                     rows,
                      [f"Command: `{cmd}`; total wall time {record['wall_s']:.0f} s "
-                      f"({record['wall_s'] / 60:.1f} min) on {record.get('machine', 'an unrecorded machine')}; "
+                      f"({record['wall_s'] / 60:.1f} min), CPU time of the runs {record.get('cpu_s', 0.0):.0f} s "
+                      f"({record.get('cpu_s', 0.0) / 60:.1f} min), on {record.get('machine', 'an unrecorded machine')}; "
                       f"threads per run: {record['threads'] or 'torch default'}; "
                       f"1-minute load average during the runs: mean {record.get('load_mean', '?')}, "
                       f"max {record.get('load_max', '?')} ({os.cpu_count()} cores; other jobs share the machine). "
@@ -229,6 +241,8 @@ def make_tables(args) -> dict[str, str]:
     if regen.is_file():
         r = json.loads(regen.read_text())
         values["regen.minutes"] = f"{r['wall_s'] / 60:.1f}"
+        values["regen.cpu_minutes"] = f"{r.get('cpu_s', 0.0) / 60:.1f}"
+        values["regen.load_mean"] = str(r.get("load_mean", report.MISSING))
         values["regen.scale"] = r["scale"]
         values["regen.ran"] = str(sum(e["ran"] for e in r["experiments"]))
         values["regen.reused"] = str(sum(e["reused"] for e in r["experiments"]))
