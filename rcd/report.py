@@ -44,7 +44,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -66,10 +66,6 @@ class Run:
     folder: Path
     results: dict
     config: dict
-
-    @property
-    def strategy(self) -> str:
-        return str(self.results.get("run", {}).get("strategy") or self.config.get("strategy", {}).get("name", "?"))
 
 
 def load_run(folder: Path | str) -> Optional[Run]:
@@ -438,6 +434,14 @@ def throughput_ratio(res: dict) -> Optional[float]:
     return dig(res, "metrics.generation.throughput_ratio")
 
 
+def datastore_build_seconds(res: dict) -> Optional[float]:
+    """One-time build time of the run's datastore, from its ``manifest.json`` (None if not on this machine)."""
+    folder = dig(res, "datastore.folder")
+    if not folder or not (Path(folder) / "manifest.json").is_file():
+        return None
+    return json.loads((Path(folder) / "manifest.json").read_text()).get("build_seconds")
+
+
 def quality(res: dict) -> Optional[Estimate]:
     """The task's headline quality: exact match (QA) or perplexity (lm)."""
     return exact_match(res) if is_qa(res) else lm_perplexity(res)
@@ -536,7 +540,7 @@ def qa_table(title: str, rows: Sequence[Row], groups: dict[str, str], label: str
 def cost_table(title: str, rows: Sequence[Row], label: str = "") -> Table:
     """Cost per strategy: decode speed, time to first token, datastore size on disk and build/load time."""
     cols = ["strategy", "decode tok/s", "tok/s ÷ none", "time to 1st tok (s)", "datastore entries",
-            "datastore MB", "datastore build/load (s)", "run total (s)"]
+            "datastore MB", "datastore build, once (s)", "datastore load in run (s)", "run total (s)"]
     out = []
     for r in rows:
         if r.run is None:
@@ -551,21 +555,19 @@ def cost_table(title: str, rows: Sequence[Row], label: str = "") -> Table:
             fmt_num(time_to_first_token(res), 3),
             fmt_int(dig(res, "datastore.size")),
             fmt_num(b / 2**20 if b is not None else None, 1),
+            fmt_num(datastore_build_seconds(res), 1),
             fmt_num(dig(res, "timing.datastore_s") if res.get("datastore") else None, 1),
             fmt_num(dig(res, "timing.total_s"), 1),
         ])
-    notes = ["Timings are wall-clock seconds on the machine that ran the row and vary run to run; "
-             "build/load includes building the datastore when the run found none cached."]
+    notes = ["Timings are wall-clock seconds on the machine that ran the row and vary run to run. "
+             "Build, once: from the datastore's manifest (built by the first run that needed it, then cached); "
+             "load in run: the run's own datastore time, which includes the build when it found none cached."]
     return Table(title, cols, out, notes, label)
 
 
 def rows_of(collected: Sequence[tuple[Resolved, Optional[Run]]]) -> list[Row]:
     return [Row(r.point.key, r.point.label, r.point.group, run) for r, run in collected]
 
-
-def entries_or_empty(spec: dict, scale: str) -> list[Entry]:
-    """:func:`entries`, or [] for a spec that runs nothing itself (a cost table ``from:`` others)."""
-    return entries(spec, scale) if (spec.get("rows") or spec.get("series")) else []
 
 
 def build_table(spec: dict, rows: Sequence[Row]) -> Table:
@@ -597,7 +599,12 @@ def presets_table(title: str, conf_dir: Path = CONF) -> Table:
 
     rows = []
     for f in sorted((conf_dir / "strategy").glob("*.yaml")):
-        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        head = []  # the preset file's leading comment block, as one line
+        for ln in f.read_text().splitlines():
+            if not ln.startswith("#"):
+                break
+            head.append(ln.lstrip("#").strip())
+        first = " ".join(head)
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
@@ -608,7 +615,7 @@ def presets_table(title: str, conf_dir: Path = CONF) -> Table:
             axes = (MISSING, MISSING, f"(does not compose: {str(e).splitlines()[0][:60]})")
         rows.append([f.stem, *axes, first])
     notes = ["Generated from `conf/strategy/*.yaml`: what = datastore unit, how = control class, "
-             "when = schedule class; the description is the preset file's first comment line."]
+             "when = schedule class (with the preset's n / θ); the description is the preset file's leading comment."]
     return Table(title, ["preset", "what", "how", "when", "description"], rows, notes, "presets")
 
 
@@ -678,6 +685,11 @@ def figure_values(spec: dict, collected: Sequence[tuple[Resolved, Optional[Run]]
                 out.update({f"{name}.best_k": str(best["k"]), f"{name}.best_lmbda": f"{best['lmbda']:g}",
                             f"{name}.best_perplexity": f"{best['perplexity']:.2f}",
                             f"{name}.perplexity_none": fmt_num(dig(run.results, "metrics.perplexity.perplexity_none"))})
+                ctl = dig(run.config, "strategy.control", {})
+                own = [p for p in pts if p["k"] == ctl.get("k") and p["lmbda"] == ctl.get("lmbda")]
+                if own:  # the grid's arithmetic against the control's own, at the preset's (k, λ)
+                    out[f"{name}.at_preset"] = f"{own[0]['perplexity']:.4f}"
+                    out[f"{name}.run_perplexity"] = fmt_num(dig(run.results, "metrics.perplexity.perplexity"), 4)
             continue
         tag = "_".join(override_value(v) for v in r.point.params.values()) or "run"
         base = f"{name}.{r.point.key}" + (f".{r.point.group}" if r.point.group else "") + f".{tag}"
@@ -685,6 +697,8 @@ def figure_values(spec: dict, collected: Sequence[tuple[Resolved, Optional[Run]]
         out[f"{base}.rate"] = fmt_rate(retrieval_rate(run.results))
         out[f"{base}.quality"] = fmt_num(q.value if q else None, 3 if is_qa(run.results) else 2)
         out[f"{base}.entries"] = fmt_int(dig(run.results, "datastore.size"))
+        if not is_qa(run.results):
+            out[f"{base}.change"] = fmt_ci(lm_change(run.results), digits=1, pct=True)
     return out
 
 
@@ -794,20 +808,24 @@ def fig_pareto(title: str, series: Sequence[tuple[str, list[tuple[Resolved, Run]
 
 
 def fig_size(title: str, series: Sequence[tuple[str, list[tuple[Resolved, Run]]]], out_stem: Path) -> list[Path]:
-    """Figure 3: quality (with its 95% interval) vs datastore entries (log x)."""
+    """Figure 3: quality vs datastore entries (log x): exact match (QA) or the perplexity change against
+    the plain model on the same tokens, in %, with its paired 95% interval (lm)."""
     fig, ax = _figure()
     any_pts = False
     qa = False
-    base = None
     for label, pts in series:
         xy = []
         for _r, run in pts:
-            q, n = quality(run.results), dig(run.results, "datastore.size")
+            n = dig(run.results, "datastore.size")
+            if is_qa(run.results):
+                q = exact_match(run.results)
+                qa = True
+            else:
+                c = lm_change(run.results)
+                q = None if c is None else Estimate(100 * c.value, None if c.low is None else 100 * c.low,
+                                                    None if c.high is None else 100 * c.high)
             if q is None or not n:
                 continue
-            qa = qa or is_qa(run.results)
-            if base is None and not is_qa(run.results):
-                base = dig(run.results, "metrics.perplexity.perplexity_none")
             xy.append((n, q))
         if not xy:
             continue
@@ -821,11 +839,11 @@ def fig_size(title: str, series: Sequence[tuple[str, list[tuple[Resolved, Run]]]
     if not any_pts:
         _no_data(ax, "datastore-size sweep")
     else:
-        if base:
-            ax.axhline(base, color="grey", ls="--", lw=1, label="none")
+        if not qa:
+            ax.axhline(0.0, color="grey", ls="--", lw=1, label="none")
         ax.set_xscale("log")
         ax.set_xlabel("datastore entries")
-        ax.set_ylabel("exact match" if qa else "perplexity")
+        ax.set_ylabel("exact match" if qa else "perplexity change vs none (%)")
         ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     return _save(fig, out_stem)

@@ -1,6 +1,6 @@
 """Regenerate the paper from run folders: ``python scripts/paper.py <command> [--scale small|full]``.
 
-Commands
+Commands (one or more, e.g. ``tables figures paper``)
   run      run every experiment in ``experiments/*.yaml`` (one ``python -m rcd.run --multirun`` per row
            or series; finished runs are reused, so an interrupted regeneration resumes)
   tables   aggregate run folders into ``paper/tables/<experiment>.md`` and ``.tex`` (+ ``values.json``)
@@ -201,6 +201,7 @@ def make_tables(args) -> dict[str, str]:
     all_specs = {s["name"]: s for s in specs(None)}
     compute_s = 0.0
     n_runs = 0
+    builds: dict[str, float] = {}  # datastore folder -> one-time build seconds (manifest)
     for spec in specs(args.only):
         if spec["kind"] != "table":
             continue
@@ -235,7 +236,12 @@ def make_tables(args) -> dict[str, str]:
                 if run is not None:
                     n_runs += 1
                     compute_s += float(report.dig(run.results, "timing.total_s", 0.0))
+                    b = report.datastore_build_seconds(run.results)
+                    if b is not None:
+                        builds[report.dig(run.results, "datastore.folder")] = float(b)
     values["compute.runs"] = str(n_runs)
+    values["datastores.count"] = str(len(builds))
+    values["datastores.build_minutes"] = f"{sum(builds.values()) / 60:.1f}"
     values["compute.minutes"] = f"{compute_s / 60:.1f}"
     regen = out / "regeneration.json"
     if regen.is_file():
@@ -285,7 +291,8 @@ def print_plan(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["run", "tables", "figures", "paper", "all", "plan"])
+    ap.add_argument("command", nargs="+", choices=["run", "tables", "figures", "paper", "all", "plan"],
+                    help="one or more steps, run in the order run, tables, figures, paper")
     ap.add_argument("--scale", choices=report.SCALES, default="small")
     ap.add_argument("--runs", type=Path, default=Path(os.environ.get("RCD_RUNS", "runs")),
                     help="root of run folders (experiment <name> -> <runs>/<name>/)")
@@ -301,19 +308,25 @@ def main(argv=None) -> None:
     if args.threads is None:
         args.threads = 1 if args.scale == "small" else 0
     args.runs = args.runs if args.runs.is_absolute() else (REPO / args.runs)
-    if args.command == "plan":
+    steps = set(args.command)
+    if "all" in steps:
+        steps |= {"run", "tables", "figures", "paper"}
+    if "plan" in steps:
         print_plan(args)
-        return
-    if args.command in ("run", "all"):
+    if "run" in steps:
         record = run_experiments(args)
         record["command"] = "python scripts/paper.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_regeneration(record, args.out / "tables", merge=bool(args.only))
+        ran = sum(e["ran"] + e["failed"] for e in record["experiments"])
+        if ran or not (args.out / "tables" / "regeneration.json").is_file():
+            write_regeneration(record, args.out / "tables", merge=bool(args.only))
+        else:  # everything reused: keep the log of the invocation that last computed runs
+            print("[paper] every run was reused; paper/tables/regeneration.md keeps the last run that computed")
         print(f"[paper] runs: {record['wall_s']:.0f} s", flush=True)
-    if args.command in ("tables", "all"):
+    if "tables" in steps:
         make_tables(args)
-    if args.command in ("figures", "all"):
+    if "figures" in steps:
         make_figures(args)
-    if args.command in ("paper", "all"):
+    if "paper" in steps:
         make_paper(args)
 
 

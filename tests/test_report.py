@@ -86,12 +86,17 @@ def test_latex_table_escapes_and_wraps():
         "\\bottomrule\n\\end{tabular}}\n\\caption{Table 9. A\\_b. Note.}\n\\label{tab:t9}\n\\end{table}\n")
 
 
-def test_cost_table_from_fixture_run_folders():
-    md = report.cost_table("Cost", fixture_rows()).markdown()
-    assert md.splitlines()[4] == ("| none               | 12.5         | 1.00         | 0.081               | –       "
-                                  "          | –            | –                        | 30.2          |")
-    assert md.splitlines()[5] == ("| per_token (kNN-LM) | 9.0          | 0.75         | 0.095               | 100,000 "
-                                  "          | 120.0        | 210.5                    | 250.0         |")
+def test_cost_table_from_fixture_run_folders(tmp_path):
+    rows = fixture_rows()
+    md = report.cost_table("Cost", rows).markdown().splitlines()
+    assert md[4] == ("| none               | 12.5         | 1.00         | 0.081               | –                 | –  "
+                     "          | –                         | –                         | 30.2          |")
+    assert md[5] == ("| per_token (kNN-LM) | 9.0          | 0.75         | 0.095               | 100,000           | 120"
+                     ".0        | –                         | 210.5                     | 250.0         |")
+    # the one-time build time comes from the datastore's manifest when the datastore is on this machine
+    (tmp_path / "manifest.json").write_text(json.dumps({"build_seconds": 534.07}))
+    rows[1].run.results["datastore"]["folder"] = str(tmp_path)
+    assert report.cost_table("Cost", rows).rows[1][6:8] == ["534.1", "210.5"]
 
 
 QA_RES = {
@@ -304,6 +309,11 @@ def test_paper_script_skips_finished_runs_and_reruns_unfinished(tiny_overrides, 
     assert kept.stat().st_mtime_ns == mtime and (folders[0] / "results.json").is_file()
     assert (paper / "tables" / "tiny.md").read_text() == md  # same runs, same numbers, same table
     assert json.loads(kept.read_text())["per_example"] == first_nll
+    # third pass: nothing to run; the log of the pass that last computed runs is kept, outputs unchanged
+    log = (paper / "tables" / "regeneration.json").read_text()
+    mod.main(argv)
+    assert (paper / "tables" / "regeneration.json").read_text() == log
+    assert (paper / "tables" / "tiny.md").read_text() == md
 
 
 def test_scales_table_names_the_overrides_of_each_scale():
@@ -318,3 +328,20 @@ def test_config_values_quote_settings_from_the_composed_config():
     v = report.config_values(["+strategy=per_token", "strategy.control.k=32", "task.window=64"])
     assert (v["conf.strategy.control.k"], v["conf.task.window"], v["conf.strategy.name"]) == ("32", "64", "per_token")
     assert report.config_values(["+strategy=no_such_preset"]) == {}
+
+
+def test_figure_values_for_the_prose():
+    grid = {"metrics": {"perplexity": {"perplexity_none": 30.0, "perplexity": 28.0},
+                        "knn_grid": {"points": [{"k": 8, "lmbda": 0.1, "perplexity": 28.0},
+                                                {"k": 8, "lmbda": 0.2, "perplexity": 27.5},
+                                                {"k": 64, "lmbda": 0.1, "perplexity": 27.9}]}}}
+    run = report.Run(Path("g"), grid, {"strategy": {"control": {"k": 8, "lmbda": 0.1}}})
+    pt = report.Point("fig1", "per_token", "kNN-LM", None, [], {})
+    assert report.figure_values({"name": "fig1", "layout": "knn_grid"}, [(report.Resolved(pt, None), run)]) == {
+        "fig1.best_k": "8", "fig1.best_lmbda": "0.2", "fig1.best_perplexity": "27.50", "fig1.perplexity_none": "30.00",
+        "fig1.at_preset": "28.0000", "fig1.run_perplexity": "28.0000"}
+    lm = fixture_rows()[1].run
+    pt = report.Point("fig2", "every_n", "every n", None, [], {"strategy.schedule.n": 4})
+    assert report.figure_values({"name": "fig2", "layout": "pareto"}, [(report.Resolved(pt, None), lm)]) == {
+        "fig2.every_n.4.rate": "1.000", "fig2.every_n.4.quality": "7.90", "fig2.every_n.4.entries": "100,000",
+        "fig2.every_n.4.change": "-16.8% [-26.5, -5.7]"}
