@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datasets
 import pytest
+from pathlib import Path
+
 import torch
 from omegaconf import OmegaConf
 
@@ -131,6 +133,37 @@ def test_knn_attention_mix_hand_computed():
     assert torch.equal(out[0, 0], h[0, 0])  # inactive position untouched
     assert torch.allclose(out[0, 1], 0.75 * h[0, 1] + 0.25 * m)
     assert mem.calls == 1
+
+
+def test_knn_attention_l2_default_temperature_is_mean_distance():
+    """l2 memories, temperature unset: τ = mean of the query's finite distances; missing = weight 0."""
+
+    class L2(FixedMemories):
+        memory_metric = "l2"
+
+    att = KNNAttention(k=3, gate=0.5).bind(datastore=L2(4))
+    d = torch.tensor([[100.0, 300.0, float("inf")], [50.0, 50.0, 50.0]])
+    w = att.weights(d, hidden_size=4)
+    # row 0: τ = 200, logits [-0.5, -1.5, -inf] -> [e^-0.5, e^-1.5, 0] / sum; row 1: uniform
+    e = torch.exp(torch.tensor([-0.5, -1.5]))
+    assert torch.allclose(w[0], torch.cat([e / e.sum(), torch.zeros(1)]))
+    assert torch.allclose(w[1], torch.full((3,), 1 / 3))
+    # an explicit temperature wins
+    w2 = KNNAttention(k=3, gate=0.5, temperature=100.0).bind(datastore=L2(4)).weights(d, hidden_size=4)
+    e2 = torch.exp(torch.tensor([-1.0, -3.0]))
+    assert torch.allclose(w2[0], torch.cat([e2 / e2.sum(), torch.zeros(1)]))
+
+
+def test_latent_memories_default_to_l2():
+    """Inner products of raw hidden states are won by attention-sink outliers: the default is l2."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from rcd.datastore import latent
+
+    assert inspect.signature(latent.build_or_load).parameters["memory_metric"].default == "l2"
+    assert OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "datastore" / "latent.yaml").memory_metric == "l2"
 
 
 def test_knn_attention_in_the_engine(tiny_lm):

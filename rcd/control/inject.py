@@ -25,13 +25,17 @@
     block l (the datastore's ``memory_layer``). A forward hook on block l takes its output h_t at
     each active position, retrieves the k nearest memories (s_i, v_i) and mixes::
 
-        a = softmax(s / τ)  (s: inner products, or -squared L2 distances; τ default √H)
+        a = softmax(s / τ)  (s: -squared L2 distances (default), or inner products; τ default:
+                             the mean of the k distances, or √H for inner products)
         m_t = Σ_i a_i v_i
         h_t ← (1 - g)·h_t + g·m_t          (g: the gate, a fixed scalar in [0, 1])
 
     so later blocks read a representation pulled toward what followed similar contexts in the
-    corpus. Memorizing Transformer attends to memories per head with learned gates; here the
-    gate is a fixed scalar and attention happens on the hidden state the memories were keyed by
+    corpus. Memories are searched by L2 distance: inner products of raw hidden states are won by
+    the attention-sink states (the first token of every stored chunk has norm ~20x the others in
+    SmolLM2), which turned the mix into noise (perplexity 1.4e5 before this was found).
+    Memorizing Transformer attends to memories per head with learned gates; here the gate is a
+    fixed scalar and attention happens on the hidden state the memories were keyed by
     (the same space, no projections), which keeps the hook generic across architectures. Which
     rows/positions are active is set by the engine from the schedule (``active``).
 """
@@ -320,10 +324,23 @@ class KNNAttention:
         return self.mix(output)
 
     def weights(self, scores: torch.Tensor, hidden_size: int) -> torch.Tensor:
-        """softmax over the k memories; -inf/inf (missing) scores get weight 0 (all missing: all 0)."""
-        tau = self.temperature or math.sqrt(hidden_size)
+        """softmax over the k memories; -inf/inf (missing) scores get weight 0 (all missing: all 0).
+
+        τ = ``temperature`` when set. Unset: √H for inner products; for squared L2 distances the
+        mean of the query's finite distances (scale-free: distances between raw hidden states of
+        a 135M model are ~5e4-1e5, so any fixed τ is model-specific).
+        """
         metric = getattr(self.datastore, "memory_metric", "ip")
-        logits = (-scores if metric == "l2" else scores).float() / tau
+        s = scores.float()
+        if self.temperature is not None:
+            tau = torch.tensor(self.temperature)
+        elif metric == "l2":
+            finite = torch.isfinite(s)
+            tau = (torch.where(finite, s, torch.zeros_like(s)).sum(-1, keepdim=True)
+                   / finite.sum(-1, keepdim=True).clamp_min(1)).clamp_min(1e-6)
+        else:
+            tau = torch.tensor(math.sqrt(hidden_size))
+        logits = (-s if metric == "l2" else s) / tau
         logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("-inf"))
         w = torch.softmax(logits, dim=-1)
         return torch.nan_to_num(w, nan=0.0)

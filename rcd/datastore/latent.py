@@ -64,7 +64,7 @@ class LatentDatastore:
     unit = "latent"
 
     def __init__(self, folder: Path, manifest: dict, text: ChunkDatastore, lm, memory_index=None,
-                 memory_metric: str = "ip"):
+                 memory_metric: str = "l2"):
         self.folder = Path(folder)
         self.manifest = manifest
         self.text_store = text
@@ -222,7 +222,7 @@ class LatentDatastore:
     # ---------------------------------------------------------------- load
     @classmethod
     def load(cls, folder: Path, lm, *, encoder=None, retriever: Optional[str] = None, index_factory="Flat",
-             metric="ip", memory_index_factory="Flat", memory_metric="ip", nprobe=32, ef_search=128, use_gpu=None,
+             metric="ip", memory_index_factory="Flat", memory_metric="l2", nprobe=32, ef_search=128, use_gpu=None,
              rrf_k=60, candidates=100, progress=False) -> "LatentDatastore":
         folder = Path(folder)
         manifest = base.read_manifest(folder)
@@ -399,7 +399,7 @@ def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, chunking: str 
                   memory_value_layer: Union[int, str, None] = None, kv_dtype: str = "float16",
                   memory_dtype: str = "float16", retriever: str = "dense", encoder="minilm",
                   index_factory: str = "Flat", metric: str = "ip", memory_index_factory: str = "Flat",
-                  memory_metric: str = "ip", rrf_k: int = 60, batch_size: int = 8, encoder_batch_size: int = 64,
+                  memory_metric: str = "l2", rrf_k: int = 60, batch_size: int = 8, encoder_batch_size: int = 64,
                   max_chunks: Optional[int] = None, progress: bool = True, shard: Optional[int] = None,
                   num_shards: Optional[int] = None, key_dtype: str = "float32", nprobe: int = 32,
                   ef_search: int = 128, use_gpu=None, candidates: int = 100, **unused) -> LatentDatastore:
@@ -444,7 +444,7 @@ def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, chunking: str 
 def merge_shards(lm, corpus_ds, corpus_name: str, root: Path, *, num_shards: int, chunking="tokens", chunk_size=64,
                  overlap=0, kv=True, memories=True, memory_layer=-2, memory_value_layer=None, kv_dtype="float16",
                  memory_dtype="float16", retriever="dense", encoder="minilm", index_factory="Flat", metric="ip",
-                 memory_index_factory="Flat", memory_metric="ip", rrf_k=60, max_chunks=None, progress=True,
+                 memory_index_factory="Flat", memory_metric="l2", rrf_k=60, max_chunks=None, progress=True,
                  key_dtype="float32", nprobe=32, ef_search=128, use_gpu=None, candidates=100, shard=None,
                  **unused) -> LatentDatastore:
     """Merge latent shards: text sub-folders, token arrays, KV layers and memories concatenated."""
