@@ -5,8 +5,10 @@
                                       [--pos noun[,verb,adj,adv]]
 
 Outputs ``<out>/wordnet_passages.jsonl`` (one passage per synset, id ``wn-<offset>`` for nouns,
-``wn-v-/wn-a-/wn-r-<offset>`` for other parts of speech) and ``<out>/wordnet_qa.jsonl`` (two
-questions per person with a life span in the gloss).  Deterministic: sorted by offset.
+``wn-v-/wn-a-/wn-r-<offset>`` for other parts of speech), ``<out>/wordnet_qa.jsonl`` (two
+questions per person with a life span in the gloss) and ``<out>/wordnet_people.jsonl`` (the
+gold passages only, one per person: a small corpus for datastores whose size grows with the
+tokens they store, e.g. latent KV caches at ~23 kB per token for SmolLM2).  Deterministic: sorted by offset.
 Needs the Debian package wordnet-base (apt-get install wordnet-base).
 """
 from __future__ import annotations
@@ -40,10 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     n_p = write_jsonl(args.out / "wordnet_passages.jsonl", passages)
     n_q = write_jsonl(args.out / "wordnet_qa.jsonl", questions)
+    gold = {q["gold_id"] for q in questions}
+    n_g = write_jsonl(args.out / "wordnet_people.jsonl", [p for p in passages if p["id"] in gold])
     kinds = Counter(q["kind"] for q in questions)
     print(f"passages: {n_p} -> {args.out / 'wordnet_passages.jsonl'}")
     print(f"people: {n_people}, questions: {n_q} (born {kinds['born']}, died {kinds['died']}) "
           f"-> {args.out / 'wordnet_qa.jsonl'}")
+    print(f"gold passages: {n_g} -> {args.out / 'wordnet_people.jsonl'}")
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -184,6 +184,8 @@ def test_wordnet_script(wn_dir, tmp_path, capsys):
     qa = read_jsonl(out / "wordnet_qa.jsonl")
     assert len(qa) == 13 and qa[0]["id"] == "wnqa-10000003-born"
     assert len(read_jsonl(out / "wordnet_passages.jsonl")) == 15
+    people = read_jsonl(out / "wordnet_people.jsonl")  # the gold passages, one per person
+    assert len(people) == 7 and {p["id"] for p in people} == {q["gold_id"] for q in qa}
     # JSON lines are plain UTF-8 objects
     first = (out / "wordnet_qa.jsonl").read_text(encoding="utf-8").splitlines()[0]
     assert json.loads(first)["kind"] == "born"
