@@ -19,6 +19,8 @@ per scale (``{small: ..., full: ...}``)::
         scales: {full: [datastore.max_tokens=null]}   # extra overrides at one scale
         sweep: {strategy.schedule.threshold: {small: [0.2, 0.4], full: [0.1, 0.2, 0.4]}}
         skip_scales: [small]                           # run at full scale only
+        only_groups: [wordnet]                         # with groups: run in these groups only
+        group_overrides: {wordnet: [corpus=wordnet_people]}  # extra overrides in one group
 
 A point of an experiment is one fully expanded override list; it is composed with Hydra exactly as
 ``rcd.run`` composes it, and its run folder is ``rcd.run.run_folder`` of that config, so tables
@@ -287,9 +289,12 @@ def entries(spec: dict, scale: str) -> list[Entry]:
         for e in spec.get("rows") or spec.get("series"):
             if scale in (e.get("skip_scales") or []):
                 continue
+            if e.get("only_groups") and g.get("key") not in e["only_groups"]:
+                continue
             sweep = {k: list(at_scale(v, scale)) for k, v in (e.get("sweep") or {}).items()}
             ov = (common + list(at_scale(g.get("overrides") or [], scale)) + list(at_scale(e["overrides"], scale))
-                  + list(at_scale(e.get("scales", {}), scale) or []))
+                  + list(at_scale(e.get("scales", {}), scale) or [])
+                  + list(at_scale((e.get("group_overrides") or {}).get(g.get("key")) or [], scale)))
             out.append(Entry(spec["name"], e["key"], e.get("label", e["key"]), g.get("key"), ov, sweep))
     return out
 
