@@ -387,6 +387,11 @@ def token_f1(res: dict) -> Optional[Estimate]:
     return _ci_or_point(_per_example(res, "f1", "token_f1"), qa_metrics(res).get("f1", qa_metrics(res).get("token_f1")))
 
 
+def answer_in_output(res: dict) -> Optional[float]:
+    """Answer containment of the QA task (``metrics.qa.contains``); None for runs made before it existed."""
+    return qa_metrics(res).get("contains")
+
+
 def lm_perplexity(res: dict) -> Optional[Estimate]:
     """Perplexity with the strategy (the plain model's for a baseline run)."""
     pe = res.get("per_example") or {}
@@ -487,9 +492,9 @@ class Row:
 
 
 def lm_table(title: str, rows: Sequence[Row], label: str = "") -> Table:
-    """Table 1 layout: perplexity [CI], change vs plain [paired CI], bits/byte, retrieval rate, speed."""
+    """Table 1 layout: perplexity [CI], change vs plain [paired CI], bits/byte, retrieval rate, speed, TTFT."""
     cols = ["strategy", "what · how · when", "perplexity [95% CI]", "Δ vs none [95% CI]", "bits/byte",
-            "retrieval rate", "decode tok/s", "tok/s ÷ none", "datastore entries"]
+            "retrieval rate", "decode tok/s", "time to 1st tok (s)", "tok/s ÷ none", "datastore entries"]
     out = []
     for r in rows:
         if r.run is None:
@@ -506,18 +511,21 @@ def lm_table(title: str, rows: Sequence[Row], label: str = "") -> Table:
             fmt_num(p.get("bits_per_byte_none") if base else p.get("bits_per_byte"), 4),
             fmt_rate(retrieval_rate(res)),
             fmt_num(tokens_per_second(res), 1),
+            fmt_num(time_to_first_token(res), 3),
             fmt_num(throughput_ratio(res), 2),
             fmt_int(dig(res, "datastore.size")),
         ])
     notes = ["Perplexity: exp of the mean token NLL; interval = bootstrap over tokens (1000 resamples, seed 0). "
-             "Δ: paired bootstrap of ppl/ppl_none − 1 on the same tokens. Speed: decode tokens/s at batch 1 "
-             "(no interval; varies run to run), ÷ none measured in the same process. – = not run / not available."]
+             "Δ: paired bootstrap of ppl/ppl_none − 1 on the same tokens. Speed: decode tokens/s and time to the "
+             "first generated token at batch 1 (no interval; varies run to run), ÷ none measured in the same process. "
+             "– = not run / not available."]
     return Table(title, cols, out, notes, label)
 
 
 def qa_table(title: str, rows: Sequence[Row], groups: dict[str, str], label: str = "") -> Table:
-    """Table 2 layout: one block of rows per data set: EM [CI], F1, retrieval rate, TTFT, tokens/s."""
-    cols = ["data set", "strategy", "exact match [95% CI]", "F1", "recall", "retrieval rate",
+    """Table 2 layout: one block of rows per data set: EM [CI], F1, answer in output, recall, retrieval rate,
+    TTFT, tokens/s."""
+    cols = ["data set", "strategy", "exact match [95% CI]", "F1", "answer in output", "recall", "retrieval rate",
             "time to 1st tok (s)", "decode tok/s"]
     out = []
     for r in rows:
@@ -532,12 +540,15 @@ def qa_table(title: str, rows: Sequence[Row], groups: dict[str, str], label: str
             g, r.label,
             fmt_ci(exact_match(res), digits=3),
             fmt_num(f1.value if f1 else None, 3),
+            fmt_num(answer_in_output(res), 3),
             fmt_num(q.get("recall"), 3),
             fmt_rate(retrieval_rate(res)),
             fmt_num(time_to_first_token(res), 3),
             fmt_num(tokens_per_second(res), 1),
         ])
     notes = ["Exact match (0–1) with a bootstrap interval over questions (1000 resamples, seed 0). "
+             "Answer in output: share of questions whose first output line contains a reference answer as whole "
+             "words after SQuAD normalisation (answer containment, as in DPR / PopQA). "
              "Speed columns have no interval and vary run to run. – = not run / not available."]
     return Table(title, cols, out, notes, label)
 

@@ -7,6 +7,7 @@ import pytest
 
 from rcd.metrics import (
     METRICS,
+    answer_in_prediction_score,
     bootstrap_ci,
     distinct_n,
     exact_match_score,
@@ -44,6 +45,45 @@ def test_exact_match_multiple_references():
         exact_match_score("x", [])
     with pytest.raises(TypeError):
         exact_match_score("x", "x")
+
+
+# --------------------------------------------------------------------------- answer in prediction
+@pytest.mark.parametrize(
+    "prediction, references, score",
+    [
+        ("The chemical symbol of palladium is Pd.", ["Pd"], 1.0),  # punctuation and case
+        ("Palladium's symbol is PD", ["pd"], 1.0),
+        ("It was discovered in 1807.", ["7"], 0.0),  # whole tokens only: "7" is not in "1807"
+        ("Its atomic number is 17.", ["7"], 0.0),
+        ("Its atomic number is 7.", ["7"], 1.0),
+        ("The answer: 7", ["7"], 1.0),
+        ("The symbol of hydrogen is H.", ["H"], 1.0),
+        ("Hydrogen", ["H"], 0.0),  # "h" is not a token of "hydrogen"
+        ("He was born in New York City.", ["New York"], 1.0),  # multi-word reference, contiguous
+        ("New jersey, not York", ["New York"], 0.0),  # tokens present but not as a sequence
+        ("York New", ["New York"], 0.0),
+        ("It is an Eiffel Tower.", ["the Eiffel tower!"], 1.0),  # articles and punctuation dropped on both sides
+        ("Paris", ["London", "paris."], 1.0),  # any of several references
+        ("Period 4, group 10", ["3", "10"], 1.0),
+        ("Period 4, group 10", ["3", "11"], 0.0),
+        ("", ["Pd"], 0.0),  # empty prediction
+        ("...", ["7"], 0.0),  # normalises to nothing
+        ("", ["the"], 1.0),  # empty reference: only an empty prediction (as exact match)
+        ("Pd", ["a"], 0.0),  # an empty reference is never trivially contained
+        ("Jean-Paul Sartre wrote it", ["Jean-Paul"], 1.0),  # same hyphen handling on both sides
+    ],
+)
+def test_answer_in_prediction_hand_computed(prediction, references, score):
+    assert answer_in_prediction_score(prediction, references) == score
+    # containment is never below exact match
+    assert answer_in_prediction_score(prediction, references) >= exact_match_score(prediction, references)
+
+
+def test_answer_in_prediction_checks_references():
+    with pytest.raises(ValueError):
+        answer_in_prediction_score("x", [])
+    with pytest.raises(TypeError):
+        answer_in_prediction_score("x", "x")
 
 
 # --------------------------------------------------------------------------- token F1
@@ -139,11 +179,11 @@ def test_bootstrap_ci():
 
 # --------------------------------------------------------------------------- evaluate modules
 def test_registry():
-    assert set(METRICS) == {"exact_match", "token_f1", "recall_at_k"}
+    assert set(METRICS) == {"exact_match", "answer_in_prediction", "token_f1", "recall_at_k"}
     for name, folder in METRICS.items():
         assert (folder / f"{name}.py").is_file()
         assert metric_path(name) == folder
-    with pytest.raises(ValueError, match="exact_match, recall_at_k, token_f1"):
+    with pytest.raises(ValueError, match="answer_in_prediction, exact_match, recall_at_k, token_f1"):
         load_metric("bleu")
 
 
@@ -163,6 +203,25 @@ def test_evaluate_exact_match_matches(loaded):
     assert expected == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     assert out["scores"] == expected
     assert out["exact_match"] == pytest.approx(2 / 7)
+
+
+def test_evaluate_answer_in_prediction_matches(loaded):
+    out = loaded["answer_in_prediction"].compute(predictions=PREDS, references=REFS)
+    expected = [answer_in_prediction_score(p, r) for p, r in zip(PREDS, REFS)]
+    # "the big red dog" lacks "red dog barks"; "Paris France" contains "Paris"; "dog dog" contains "dog";
+    # "jeanpaul sartre" contains "sartre"
+    assert expected == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    assert out["scores"] == expected
+    assert out["answer_in_prediction"] == pytest.approx(5 / 7)
+    # the module's own copy of the normalisation and matching agrees on the tricky cases too
+    preds = ["It was discovered in 1807.", "Its atomic number is 17.", "The chemical symbol of palladium is Pd.",
+             "", "", "New jersey, not York", "It is an Eiffel Tower."]
+    refs = [["7"], ["7", "17"], ["Pd"], ["the"], ["Pd"], ["New York"], ["the Eiffel tower!"]]
+    out = loaded["answer_in_prediction"].compute(predictions=preds, references=refs)
+    assert out["scores"] == [answer_in_prediction_score(p, r) for p, r in zip(preds, refs)]
+    assert out["scores"] == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError):
+        loaded["answer_in_prediction"].compute(predictions=["x"], references=[[]])
 
 
 def test_evaluate_token_f1_matches(loaded):

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import tiny_llama
 from rcd.engine import Output
+from rcd.metrics import bootstrap_ci
 from rcd.tasks import qa
 
 QA = [
@@ -89,6 +90,10 @@ def test_metrics_hand_computed():
     assert m["exact_match"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
     # raw first lines: only "1976" equals an answer after normalisation
     assert m["exact_match_raw"] == pytest.approx(1 / 3)
+    # answer in the raw first line as whole words: "1898" in "He was born in 1898.", "1976"; not "1802"
+    assert m["contains"] == pytest.approx(2 / 3)
+    assert [x["contains"] for x in r["examples"]] == [1.0, 1.0, 0.0]
+    assert m["contains_ci"] == list(bootstrap_ci([1.0, 1.0, 0.0])[1:])
     # recall@2 over rows that retrieved (0 and 2), first retrieval only: row 0 hit, row 2 miss
     assert m["recall"] == 0.5 and m["recall_n"] == 2 and m["recall_k"] == 2
     assert m["retrieval_rate"] == 0.1 and m["retrievals_per_question"] == 1.0
@@ -137,6 +142,8 @@ def test_qa_end_to_end_with_rcd_run(tmp_path):
     assert m["retrieval_rate"] == pytest.approx(3 / m["cost"]["steps"])
     assert res["metrics"]["none"]["retrieval_rate"] == 0.0 and res["metrics"]["none"]["recall"] is None
     assert len(res["per_example"]["em"]) == 3 and res["per_example"]["examples"][0]["retrieved"] == ["wn-1"]
+    assert len(res["per_example"]["contains"]) == 3 and m["exact_match_raw"] <= m["contains"] <= 1.0
+    assert "contains" in res["metrics"]["none"] and len(m["contains_ci"]) == 2
     prov = [json.loads(x) for x in (Path(res["run"]["folder"]) / "provenance.jsonl").read_text().splitlines()]
     assert [(p["id"], p["step"], p["doc_ids"]) for p in prov] == [("q1", 0, ["wn-1"]), ("q3", 0, ["wn-2"]),
                                                                    ("q4", 0, ["wn-3"])]

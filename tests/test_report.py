@@ -62,13 +62,13 @@ def fixture_rows():
 LM_MD = """\
 **Table 1. Test**
 
-| strategy           | what · how · when                      | perplexity [95% CI] | Δ vs none [95% CI]   | bits/byte | retrieval rate | decode tok/s | tok/s ÷ none | datastore entries |
-|--------------------|----------------------------------------|---------------------|----------------------|-----------|----------------|--------------|--------------|-------------------|
-| none               | –                                      | 9.49 [4.12, 22.57]  | –                    | 0.8115    | 0.000          | 12.5         | 1.00         | –                 |
-| per_token (kNN-LM) | tokens · KNNInterpolation · EveryToken | 7.90 [3.82, 17.16]  | -16.8% [-26.5, -5.7] | 0.7454    | 1.000          | 9.0          | 0.75         | 100,000           |
-| every_n (s=4)      | –                                      | –                   | –                    | –         | –              | –            | –            | –                 |
+| strategy           | what · how · when                      | perplexity [95% CI] | Δ vs none [95% CI]   | bits/byte | retrieval rate | decode tok/s | time to 1st tok (s) | tok/s ÷ none | datastore entries |
+|--------------------|----------------------------------------|---------------------|----------------------|-----------|----------------|--------------|---------------------|--------------|-------------------|
+| none               | –                                      | 9.49 [4.12, 22.57]  | –                    | 0.8115    | 0.000          | 12.5         | 0.081               | 1.00         | –                 |
+| per_token (kNN-LM) | tokens · KNNInterpolation · EveryToken | 7.90 [3.82, 17.16]  | -16.8% [-26.5, -5.7] | 0.7454    | 1.000          | 9.0          | 0.095               | 0.75         | 100,000           |
+| every_n (s=4)      | –                                      | –                   | –                    | –         | –              | –            | –                   | –            | –                 |
 
-Perplexity: exp of the mean token NLL; interval = bootstrap over tokens (1000 resamples, seed 0). Δ: paired bootstrap of ppl/ppl_none − 1 on the same tokens. Speed: decode tokens/s at batch 1 (no interval; varies run to run), ÷ none measured in the same process. – = not run / not available.
+Perplexity: exp of the mean token NLL; interval = bootstrap over tokens (1000 resamples, seed 0). Δ: paired bootstrap of ppl/ppl_none − 1 on the same tokens. Speed: decode tokens/s and time to the first generated token at batch 1 (no interval; varies run to run), ÷ none measured in the same process. – = not run / not available.
 """
 
 
@@ -76,6 +76,13 @@ def test_lm_table_from_fixture_run_folders():
     rows = fixture_rows()
     assert rows[2].run is None  # config.yaml but no results.json: an unfinished run counts as missing
     assert report.lm_table("Table 1. Test", rows).markdown() == LM_MD
+    # the LaTeX table has the same columns and cells
+    tex = report.lm_table("Table 1. Test", rows).latex()
+    assert "decode tok/s & time to 1st tok (s) & tok/s $\\div$ none" in tex
+    assert "12.5 & 0.081 & 1.00" in tex and "9.0 & 0.095 & 0.75" in tex
+    # a run whose generation has no time to first token renders "–"
+    del rows[1].run.results["metrics"]["generation"]["per_token"]["time_to_first_token"]
+    assert report.lm_table("T", rows).rows[1][6:9] == ["9.0", "–", "0.75"]
 
 
 def test_latex_table_escapes_and_wraps():
@@ -100,9 +107,9 @@ def test_cost_table_from_fixture_run_folders(tmp_path):
 
 
 QA_RES = {
-    "metrics": {"qa": {"exact_match": 0.5, "f1": 0.625, "recall": 0.75, "retrieval_rate": 0.25,
+    "metrics": {"qa": {"exact_match": 0.5, "f1": 0.625, "contains": 0.75, "recall": 0.75, "retrieval_rate": 0.25,
                        "tokens_per_second": 11.25, "time_to_first_token": 0.1234}},
-    "per_example": {"em": [1, 0, 1, 0], "f1": [1.0, 0.5, 1.0, 0.0]},
+    "per_example": {"em": [1, 0, 1, 0], "f1": [1.0, 0.5, 1.0, 0.0], "contains": [1.0, 1.0, 1.0, 0.0]},
     "run": {"strategy": "once"}, "datastore": {"unit": "chunks", "size": 2000}, "timing": {"total_s": 5.0}}
 
 
@@ -112,11 +119,16 @@ def test_qa_table_with_groups_and_missing_metrics():
     rows = [report.Row("once", "once", "wordnet", run), report.Row("adaptive", "adaptive", "wordnet", partial),
             report.Row("once", "once", "mendeleev", None)]
     t = report.qa_table("Table 2. QA", rows, {"wordnet": "WordNet years", "mendeleev": "mendeleev"})
+    assert t.columns[2:5] == ["exact match [95% CI]", "F1", "answer in output"]
+    # "answer in output" is metrics.qa.contains; "–" for runs made before it was recorded
     assert t.rows == [
-        ["WordNet years", "once", "0.500 [0.000, 1.000]", "0.625", "0.750", "0.250", "0.123", "11.2"],
-        ["WordNet years", "adaptive", "0.250", "–", "–", "–", "–", "–"],
-        ["mendeleev", "once", "–", "–", "–", "–", "–", "–"],
+        ["WordNet years", "once", "0.500 [0.000, 1.000]", "0.625", "0.750", "0.750", "0.250", "0.123", "11.2"],
+        ["WordNet years", "adaptive", "0.250", "–", "–", "–", "–", "–", "–"],
+        ["mendeleev", "once", "–", "–", "–", "–", "–", "–", "–"],
     ]
+    assert "F1 & answer in output & recall" in t.latex() and "0.625 & 0.750 & 0.750 & 0.250" in t.latex()
+    vals = report.table_values({"name": "table2_qa"}, rows, t)
+    assert vals["table2_qa.once.wordnet.answer_in_output"] == "0.750"
     assert report.retrieval_rate({"metrics": {"qa": {}}, "run": {"strategy": "none"}}) == 0.0
 
 
@@ -296,7 +308,7 @@ def test_paper_script_skips_finished_runs_and_reruns_unfinished(tiny_overrides, 
     assert lines[0] == "**Table 1. Tiny**" and len(lines[2:7]) == 5
     assert lines[4].startswith("| run (strategy=none) ") and lines[5].startswith("| run (strategy=per_token) ")
     assert lines[6].startswith("| later ")
-    assert lines[6].count("–") == 8
+    assert lines[6].count("–") == 9
     assert (paper / "paper.md").read_text().splitlines()[1] == lines[0]
     # second pass: the finished run is reused untouched, the unfinished one is run again
     kept = folders[1] / "results.json"

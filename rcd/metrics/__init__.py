@@ -3,8 +3,8 @@
 Two layers:
 
 * pure functions (numpy / stdlib only, cheap to import): :func:`normalize_answer`,
-  :func:`exact_match_score`, :func:`token_f1_score`, :func:`recall_at_k`, :func:`distinct_n`,
-  :func:`bootstrap_ci`;
+  :func:`exact_match_score`, :func:`answer_in_prediction_score`, :func:`token_f1_score`,
+  :func:`recall_at_k`, :func:`distinct_n`, :func:`bootstrap_ci`;
 * Hugging Face ``evaluate`` modules kept inside the package (``rcd/metrics/<name>/<name>.py``),
   loaded offline by path through :func:`load_metric` (``METRICS`` lists them).
 
@@ -13,6 +13,8 @@ metric's own name and the per-example values under ``"scores"``::
 
     load_metric("exact_match").compute(predictions=[...], references=[[...], ...])
         -> {"exact_match": float, "scores": [float, ...]}
+    load_metric("answer_in_prediction").compute(predictions=[...], references=[[...], ...])
+        -> {"answer_in_prediction": float, "scores": [float, ...]}
     load_metric("token_f1").compute(predictions=[...], references=[[...], ...])
         -> {"token_f1": float, "scores": [float, ...]}
     load_metric("recall_at_k").compute(predictions=[[ids...], ...], references=[gold, ...], k=5)
@@ -36,6 +38,7 @@ _HERE = Path(__file__).resolve().parent
 #: name -> folder of the evaluate module (``evaluate.load`` accepts the folder path)
 METRICS: dict[str, Path] = {
     "exact_match": _HERE / "exact_match",
+    "answer_in_prediction": _HERE / "answer_in_prediction",
     "token_f1": _HERE / "token_f1",
     "recall_at_k": _HERE / "recall_at_k",
 }
@@ -46,6 +49,7 @@ __all__ = [
     "load_metric",
     "normalize_answer",
     "exact_match_score",
+    "answer_in_prediction_score",
     "token_f1_score",
     "recall_at_k",
     "distinct_n",
@@ -100,6 +104,29 @@ def exact_match_score(prediction: str, references: Sequence[str]) -> float:
     _check_refs(references)
     pred = normalize_answer(prediction)
     return float(any(pred == normalize_answer(r) for r in references))
+
+
+def _contains_tokens(pred: list[str], ref: list[str]) -> bool:
+    """``ref`` occurs in ``pred`` as a contiguous run of whole tokens; an empty ``ref`` only in an
+    empty ``pred`` (so containment is never below exact match, and never trivially true)."""
+    if not ref:
+        return not pred
+    n = len(ref)
+    return any(pred[i : i + n] == ref for i in range(len(pred) - n + 1))
+
+
+def answer_in_prediction_score(prediction: str, references: Sequence[str]) -> float:
+    """Answer containment ("has_answer" / accuracy in DPR, PopQA, Self-RAG): 1.0 if any normalised
+    reference occurs in the normalised prediction as a whole-word sequence, else 0.0.
+
+    Token boundaries count: ``"7"`` is not in ``"17"`` or ``"1807"``; ``"Pd"`` is in
+    ``"The chemical symbol of palladium is Pd."``.  Always >= :func:`exact_match_score`.  The SQuAD
+    normalisation deletes punctuation without inserting a space, so ``"1858-1913"`` is one token
+    ``"18581913"`` and does not contain ``"1858"``.
+    """
+    _check_refs(references)
+    pred = normalize_answer(prediction).split()
+    return float(any(_contains_tokens(pred, normalize_answer(r).split()) for r in references))
 
 
 def _f1(pred_tokens: list[str], ref_tokens: list[str]) -> float:

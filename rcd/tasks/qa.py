@@ -12,6 +12,9 @@ regex in it (e.g. the first 1-4 digit number for years), else that line. Metrics
 
 * ``exact_match`` / ``f1`` — :func:`rcd.metrics.load_metric` ("exact_match", "token_f1") over the
   predictions; ``exact_match_raw`` on the unextracted first line;
+* ``contains`` — answer containment ("answer_in_prediction": a normalised reference occurs in the
+  normalised unextracted first line as whole words, e.g. "Pd" in "The symbol of palladium is Pd.";
+  the has_answer / accuracy of DPR, PopQA, Self-RAG), with ``contains_ci`` like ``exact_match_ci``;
 * ``recall`` — recall@k (:func:`rcd.metrics.recall_at_k`) of the gold passage in the first
   retrieval of each question, over the questions that retrieved (``None`` if none did, or if the
   datastore returns no passage ids, e.g. tags / memories);
@@ -104,6 +107,7 @@ def decode_split(engine: Engine, examples: list[dict], t) -> dict[str, Any]:
     em = load_metric("exact_match").compute(predictions=preds, references=refs)
     f1 = load_metric("token_f1").compute(predictions=preds, references=refs)
     em_raw = load_metric("exact_match").compute(predictions=raw, references=refs)
+    contains = load_metric("answer_in_prediction").compute(predictions=raw, references=refs)
     k = int(t.get("recall_k") or engine.k)
     first: dict[int, list[str]] = {}
     for rec in out.provenance:
@@ -113,16 +117,19 @@ def decode_split(engine: Engine, examples: list[dict], t) -> dict[str, Any]:
     recall = recall_at_k([first[i] for i in rows], [examples[i]["gold"] for i in rows], k) if rows else None
     cost = out.cost
     mean, lo, hi = bootstrap_ci(em["scores"])
+    _, c_lo, c_hi = bootstrap_ci(contains["scores"])
     metrics = {
         "exact_match": em["exact_match"], "exact_match_ci": [lo, hi], "f1": f1["token_f1"],
-        "exact_match_raw": em_raw["exact_match"], "recall": recall, "recall_k": k, "recall_n": len(rows),
+        "exact_match_raw": em_raw["exact_match"], "contains": contains["answer_in_prediction"],
+        "contains_ci": [c_lo, c_hi], "recall": recall, "recall_k": k, "recall_n": len(rows),
         "retrieval_rate": cost["retrieval_rate"], "retrievals_per_question": cost["retrievals"] / len(examples),
         "tokens_per_second": cost["tokens_per_s"], "time_to_first_token": cost["ttft"],
         "questions": len(examples), "cost": cost,
     }
     per_example = [{"id": ex["id"], "question": ex["question"], "answers": ex["answers"], "gold": ex["gold"],
-                    "output": txt, "prediction": p, "em": e, "f1": f, "retrieved": first.get(i, [])}
-                   for i, (ex, txt, p, e, f) in enumerate(zip(examples, out.texts, preds, em["scores"], f1["scores"]))]
+                    "output": txt, "prediction": p, "em": e, "f1": f, "contains": c, "retrieved": first.get(i, [])}
+                   for i, (ex, txt, p, e, f, c) in enumerate(zip(examples, out.texts, preds, em["scores"], f1["scores"],
+                                                                 contains["scores"]))]
     return {"metrics": metrics, "examples": per_example, "provenance": out.provenance}
 
 
@@ -148,7 +155,7 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
         metrics["schedule"] = sched.stats()
     pe = main["examples"]
     return {"metrics": metrics, "per_example": {"em": [x["em"] for x in pe], "f1": [x["f1"] for x in pe],
-                                                "examples": pe},
+                                                "contains": [x["contains"] for x in pe], "examples": pe},
             "samples": {"none": [x["output"] for x in results["none"]["examples"]] if "none" in results else [],
                         strategy.name: [x["output"] for x in pe]}}
 

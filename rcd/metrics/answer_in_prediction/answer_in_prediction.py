@@ -1,0 +1,86 @@
+"""Answer containment (SQuAD normalisation, whole words), max over references, as an ``evaluate`` metric.
+
+Load offline by path: ``evaluate.load("/abs/path/rcd/metrics/answer_in_prediction")`` or
+``rcd.metrics.load_metric("answer_in_prediction")``.  Self-contained on purpose: ``evaluate``
+copies this one file into its module cache, so it must not import the rest of rcd.
+"""
+import re
+import string
+
+import datasets
+import evaluate
+
+_DESCRIPTION = """Answer containment ("has_answer" in DPR, accuracy in PopQA and Self-RAG): after SQuAD
+normalisation (lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace) an
+example scores 1 if any of its references occurs in the prediction as a contiguous sequence of
+whole words, else 0.  "7" is not in "17"; "Pd" is in "The chemical symbol of palladium is Pd.".
+A reference that normalises to nothing only matches a prediction that does too."""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: list[str], one model output per example.
+    references: list[list[str]], the accepted answers per example (at least one each).
+Returns:
+    answer_in_prediction: float in [0, 1], the mean over examples.
+    scores: list[float], one 0.0/1.0 per example.
+Examples:
+    >>> m = evaluate.load("rcd/metrics/answer_in_prediction")
+    >>> m.compute(predictions=["The symbol of palladium is Pd.", "In 1807."], references=[["Pd"], ["7"]])
+    {'answer_in_prediction': 0.5, 'scores': [1.0, 0.0]}
+"""
+
+_CITATION = """@inproceedings{karpukhin2020dense,
+  title={Dense Passage Retrieval for Open-Domain Question Answering},
+  author={Karpukhin, Vladimir and O{\\u{g}}uz, Barlas and Min, Sewon and Lewis, Patrick and Wu, Ledell
+          and Edunov, Sergey and Chen, Danqi and Yih, Wen-tau},
+  booktitle={EMNLP}, year={2020}}
+@inproceedings{mallen2023popqa,
+  title={When Not to Trust Language Models: Investigating Effectiveness of Parametric and
+         Non-Parametric Memories},
+  author={Mallen, Alex and Asai, Akari and Zhong, Victor and Das, Rajarshi and Khashabi, Daniel
+          and Hajishirzi, Hannaneh},
+  booktitle={ACL}, year={2023}}"""
+
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(s):
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def _contains_tokens(pred, ref):
+    if not ref:
+        return not pred
+    n = len(ref)
+    return any(pred[i : i + n] == ref for i in range(len(pred) - n + 1))
+
+
+def answer_in_prediction_score(prediction, references):
+    pred = normalize_answer(prediction).split()
+    return float(any(_contains_tokens(pred, normalize_answer(r).split()) for r in references))
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class AnswerInPrediction(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string"),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+        )
+
+    def _compute(self, predictions, references):
+        if any(len(r) == 0 for r in references):
+            raise ValueError("every example needs at least one reference")
+        scores = [answer_in_prediction_score(p, r) for p, r in zip(predictions, references)]
+        return {"answer_in_prediction": sum(scores) / len(scores), "scores": scores}
