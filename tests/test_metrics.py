@@ -71,6 +71,9 @@ def test_exact_match_multiple_references():
         ("", ["the"], 1.0),  # empty reference: only an empty prediction (as exact match)
         ("Pd", ["a"], 0.0),  # an empty reference is never trivially contained
         ("Jean-Paul Sartre wrote it", ["Jean-Paul"], 1.0),  # same hyphen handling on both sides
+        ("Alvar Aalto (1898-1976)", ["1898"], 1.0),  # words split at punctuation: year ranges
+        ("born 1898-1976", ["976"], 0.0),
+        ("U.S.", ["US"], 1.0),  # an exact match counts even when the word split differs
     ],
 )
 def test_answer_in_prediction_hand_computed(prediction, references, score):

@@ -120,13 +120,21 @@ def answer_in_prediction_score(prediction: str, references: Sequence[str]) -> fl
     reference occurs in the normalised prediction as a whole-word sequence, else 0.0.
 
     Token boundaries count: ``"7"`` is not in ``"17"`` or ``"1807"``; ``"Pd"`` is in
-    ``"The chemical symbol of palladium is Pd."``.  Always >= :func:`exact_match_score`.  The SQuAD
-    normalisation deletes punctuation without inserting a space, so ``"1858-1913"`` is one token
-    ``"18581913"`` and does not contain ``"1858"``.
+    ``"The chemical symbol of palladium is Pd."``.  Words are split at
+    punctuation (``"(1858-1913)"`` contains ``"1858"``), otherwise SQuAD normalisation (lowercase,
+    no articles); the score is max(exact match, containment), so it is never below exact match.
     """
     _check_refs(references)
-    pred = normalize_answer(prediction).split()
-    return float(any(_contains_tokens(pred, normalize_answer(r).split()) for r in references))
+    if exact_match_score(prediction, references):
+        return 1.0
+    pred = _words(prediction)
+    return float(any(_contains_tokens(pred, _words(r)) for r in references))
+
+
+def _words(s: str) -> list[str]:
+    """Lowercased words split at whitespace and punctuation, articles dropped (for containment)."""
+    s = "".join(" " if ch in _PUNCT else ch for ch in s.lower())
+    return _ARTICLES.sub(" ", s).split()
 
 
 def _f1(pred_tokens: list[str], ref_tokens: list[str]) -> float:

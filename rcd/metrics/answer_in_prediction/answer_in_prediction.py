@@ -10,11 +10,11 @@ import string
 import datasets
 import evaluate
 
-_DESCRIPTION = """Answer containment ("has_answer" in DPR, accuracy in PopQA and Self-RAG): after SQuAD
-normalisation (lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace) an
-example scores 1 if any of its references occurs in the prediction as a contiguous sequence of
-whole words, else 0.  "7" is not in "17"; "Pd" is in "The chemical symbol of palladium is Pd.".
-A reference that normalises to nothing only matches a prediction that does too."""
+_DESCRIPTION = """Answer containment ("has_answer" in DPR, accuracy in PopQA and Self-RAG): an example scores 1
+if it is an exact match (SQuAD normalisation) or if any of its references occurs in the
+prediction as a contiguous sequence of whole words (lowercased, split at whitespace and
+punctuation, articles a/an/the dropped), else 0.  "7" is not in "17"; "Pd" is in "The chemical
+symbol of palladium is Pd."; "1858" is in "(1858-1913)"."""
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -59,9 +59,17 @@ def _contains_tokens(pred, ref):
     return any(pred[i : i + n] == ref for i in range(len(pred) - n + 1))
 
 
+def _words(s):
+    s = "".join(" " if ch in _PUNCT else ch for ch in s.lower())
+    return _ARTICLES.sub(" ", s).split()
+
+
 def answer_in_prediction_score(prediction, references):
-    pred = normalize_answer(prediction).split()
-    return float(any(_contains_tokens(pred, normalize_answer(r).split()) for r in references))
+    pred_n = normalize_answer(prediction)
+    if any(pred_n == normalize_answer(r) for r in references):
+        return 1.0
+    pred = _words(prediction)
+    return float(any(_contains_tokens(pred, _words(r)) for r in references))
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
