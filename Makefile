@@ -44,3 +44,14 @@ clean:
 # under an hour) or SCALE=full (GPU).
 paper: setup
 	$(BIN)/python scripts/paper.py all --scale $(or $(SCALE),small)
+
+# The benchmark of issue #6, one process and one run, every figure a ratio to `none` measured in it: kNN-LM
+# on the whole Shakespeare token datastore (~1M entries; built on first use) at three index settings and two
+# nprobe values, search alone on 1M random keys, the every_n / per_sentence / latent_kv presets on the engine
+# path (128 tokens, batch 1 and 8), latent_kv time to first token against the same chunks as text, cProfile
+# of one decode per setting, and a table of the targets reached. Writes paper/bench/bench_{cpu,gpu}.json.
+BENCH_OUT ?= paper/bench/bench_$(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu).json
+bench: setup
+	$(BIN)/python scripts/bench.py --datastore-tokens 0 --index Flat "IVF4096,SQfp16" "IVF4096,PQ64+rerank" \
+		--nprobe 8 32 --synthetic 1000000 --presets every_n per_sentence latent_kv --context-new-tokens 128 \
+		--context-batch 1 8 --latent-chunks 2000 --latent-k 5 --profile --out $(BENCH_OUT)
