@@ -22,7 +22,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 from hydra.utils import instantiate
@@ -37,12 +37,62 @@ def peak_rss_mb() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
+class AnonPeak:
+    """Peak anonymous resident memory (heap, tensors, FAISS index; not memory-mapped file pages) of
+    this process, sampled from ``/proc/self/status`` (RssAnon) every ``interval`` seconds. ``peak``
+    is None where /proc is unavailable (macOS). ru_maxrss also counts pages of memory-mapped files
+    (keys being written or read), which the kernel can drop at any time."""
+
+    def __init__(self, interval: float = 0.1):
+        import threading
+
+        self.interval, self.peak = interval, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def sample() -> Optional[float]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            v = self.sample()
+            if v is not None:
+                self.peak = v if self.peak is None else max(self.peak, v)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "AnonPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        v = self.sample()
+        if v is not None:
+            self.peak = v if self.peak is None else max(self.peak, v)
+
+
 def _existing(root: Path) -> set[str]:
     return {p.name for p in Path(root).iterdir()} if Path(root).is_dir() else set()
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Build (or reuse) ``cfg.datastore`` for ``cfg.corpus`` and return the summary dict."""
+    with AnonPeak() as mem:
+        summary = _build(cfg)
+    summary["peak_anon_mib"] = None if mem.peak is None else round(mem.peak, 1)
+    return summary
+
+
+def _build(cfg: DictConfig) -> dict[str, Any]:
     from rcd.datastore import registry
     from rcd.datastore.shards import shard_corpus
     from rcd.paths import cache_dir
@@ -101,7 +151,9 @@ def format_summary(s: dict[str, Any]) -> str:
     rows = [("datastore", f"{s['unit']} ({s['status']})"), ("corpus", f"{s['corpus']} ({s['corpus_rows']} rows)"),
             ("entries", f"{s['entries']:,}"), ("size", f"{s['mib']:,} MiB ({s['bytes']:,} bytes)"),
             ("seconds", f"{s['seconds']} (+{s['model_load_seconds']} model load)"), ("index", str(s["index"])),
-            ("peak RSS", f"{s['peak_rss_mib']:,} MiB"), ("folder", s["folder"])]
+            ("peak RSS", f"{s['peak_rss_mib']:,} MiB (incl. memory-mapped file pages)"),
+            ("peak anon", "n/a" if s.get("peak_anon_mib") is None else f"{s['peak_anon_mib']:,} MiB (heap: model, batch, index)"),
+            ("folder", s["folder"])]
     if s.get("num_shards"):
         rows.insert(1, ("shard", "merged" if s["shard"] is None else f"{s['shard']} of {s['num_shards']}"))
     w = max(len(k) for k, _ in rows)

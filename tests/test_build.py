@@ -55,6 +55,7 @@ def test_build_summary_and_reuse(tmp_path, no_model):
     s = build_mod.build(cfg)
     assert s["status"] == "built" and s["unit"] == "chunks" and s["entries"] == len(ROWS)
     assert s["bytes"] > 0 and s["index"] == "BM25(bm25s)" and s["peak_rss_mib"] > 10 and s["model"] is None
+    assert s["peak_anon_mib"] is None or 0 < s["peak_anon_mib"] <= s["peak_rss_mib"] + 1
     text = build_mod.format_summary(s)
     assert "entries" in text and "peak RSS" in text and "(built)" in text
     again = build_mod.build(cfg)

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -174,3 +175,40 @@ def find_existing(root: Path, fp: str) -> Optional[Path]:
         if (p / "manifest.json").exists():
             return p
     return None
+
+
+class NpyAppender:
+    """Writes a ``.npy`` array of unknown length block by block; the header is written on close.
+
+    The header is a fixed 128 bytes (a valid format-1.0 header), so rows are streamed straight to
+    disk and the result is memory-mappable with ``np.load(mmap_mode="r")``.
+    """
+
+    HEADER = 128
+
+    def __init__(self, path: Path, dtype, row_shape: tuple = ()):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(row_shape)
+        self.n = 0
+        self.f = open(self.path, "wb")
+        self.f.write(b"\0" * self.HEADER)
+
+    def append(self, rows) -> None:
+        a = np.ascontiguousarray(rows, dtype=self.dtype)
+        if a.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.path.name}: rows of shape {a.shape[1:]}, expected {self.row_shape}")
+        self.f.write(a.tobytes())
+        self.n += a.shape[0]
+
+    def close(self) -> dict:
+        shape = (self.n,) + self.row_shape
+        header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
+            np.lib.format.dtype_to_descr(self.dtype), shape)
+        hlen = self.HEADER - 10
+        if len(header) >= hlen:
+            raise ValueError(f"{self.path}: header too long")
+        self.f.seek(0)
+        self.f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", hlen) + (header.ljust(hlen - 1) + "\n").encode("latin1"))
+        self.f.close()
+        return array_spec(self.path.name, shape, self.dtype)

@@ -39,7 +39,6 @@ the same neighbours as an unsharded build.
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 
 from rcd.datastore import base
+from rcd.datastore.base import NpyAppender  # noqa: F401  (re-exported: latent imports it from here)
 from rcd.datastore.chunking import Chunk, Chunker
 from rcd.datastore.index import load_or_build_index
 from rcd.datastore.shards import check_shard, shard_label, shard_rows
@@ -60,43 +60,6 @@ ROW_BLOCK = 256  # corpus rows chunked per step
 
 
 # --------------------------------------------------------------------------- on-disk helpers
-class NpyAppender:
-    """Writes a ``.npy`` array of unknown length block by block; the header is written on close.
-
-    The header is a fixed 128 bytes (a valid format-1.0 header), so rows are streamed straight to
-    disk and the result is memory-mappable with ``np.load(mmap_mode="r")``.
-    """
-
-    HEADER = 128
-
-    def __init__(self, path: Path, dtype, row_shape: tuple = ()):
-        self.path = Path(path)
-        self.dtype = np.dtype(dtype)
-        self.row_shape = tuple(row_shape)
-        self.n = 0
-        self.f = open(self.path, "wb")
-        self.f.write(b"\0" * self.HEADER)
-
-    def append(self, rows) -> None:
-        a = np.ascontiguousarray(rows, dtype=self.dtype)
-        if a.shape[1:] != self.row_shape:
-            raise ValueError(f"{self.path.name}: rows of shape {a.shape[1:]}, expected {self.row_shape}")
-        self.f.write(a.tobytes())
-        self.n += a.shape[0]
-
-    def close(self) -> dict:
-        shape = (self.n,) + self.row_shape
-        header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
-            np.lib.format.dtype_to_descr(self.dtype), shape)
-        hlen = self.HEADER - 10
-        if len(header) >= hlen:
-            raise ValueError(f"{self.path}: header too long")
-        self.f.seek(0)
-        self.f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", hlen) + (header.ljust(hlen - 1) + "\n").encode("latin1"))
-        self.f.close()
-        return base.array_spec(self.path.name, shape, self.dtype)
-
-
 class StringsWriter:
     """Appends strings to ``<name>.bin`` (UTF-8) with offsets in ``<name>_offsets.npy`` [count+1]."""
 

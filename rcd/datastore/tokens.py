@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from rcd.datastore import base
+from rcd.datastore.base import NpyAppender
 from rcd.datastore.index import load_or_build_index
 from rcd.hooks import KeyEncoder
 
@@ -119,9 +120,10 @@ class TokenDatastore:
             from tqdm import tqdm
             it = tqdm(it, desc="datastore tokens", unit="batch")
         with base.atomic_folder(folder) as tmp:
-            keys = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=key_dtype, shape=(total, H))
-            vals = np.lib.format.open_memmap(tmp / "values.npy", mode="w+", dtype=np.int32, shape=(total,))
-            where = np.lib.format.open_memmap(tmp / "positions.npy", mode="w+", dtype=np.int64, shape=(total, 2))
+            # streamed to disk in order (no write-time memory map: resident memory is one batch)
+            keys = NpyAppender(tmp / "keys.npy", key_dtype, (H,))
+            vals = NpyAppender(tmp / "values.npy", np.int32)
+            where = NpyAppender(tmp / "positions.npy", np.int64, (2,))
             w = 0
             with torch.inference_mode():
                 for b in it:
@@ -136,14 +138,13 @@ class TokenDatastore:
                     hid = encoder(ids.to(dev), mask.to(dev)).float().cpu().numpy()
                     for i, (d, c, s, e) in enumerate(chunk):
                         n = e - s
-                        keys[w:w + n] = hid[i, s - c:e - c]
-                        vals[w:w + n] = docs[d][s + 1:e + 1]
-                        where[w:w + n, 0] = d
-                        where[w:w + n, 1] = np.arange(s, e)
+                        keys.append(hid[i, s - c:e - c])
+                        vals.append(docs[d][s + 1:e + 1])
+                        where.append(np.stack([np.full(n, d, dtype=np.int64), np.arange(s, e)], axis=1))
                         w += n
             assert w == total, (w, total)
-            keys.flush(); vals.flush(); where.flush()
-            del keys, vals, where
+            for a in (keys, vals, where):
+                a.close()
             manifest = {
                 "format": base.FORMAT, "unit": "tokens", "fingerprint": folder.name.rsplit("-", 1)[-1],
                 "spec": spec, "model": base.model_identity(lm), "layer": str(layer), "size": total,
