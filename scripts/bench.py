@@ -410,7 +410,7 @@ def _public(m: dict) -> dict:
 
 def bench_presets(lm, presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats: int, *,
                   chunk_retriever: Optional[str] = "auto", latent_chunks: int = 2000, common: Sequence[str] = (),
-                  profile: bool = False, warmup: int = 4) -> dict:
+                  profile: bool = False, warmup: int = 4, extra: Sequence[str] = ()) -> dict:
     """Each preset against ``none`` (same engine path, same prompts, same number of tokens)."""
     cfg_none = compose(["+strategy=none", *common])
     none_engine = engine_for(build_strategy(cfg_none, lm), cfg_none, lm)
@@ -423,7 +423,7 @@ def bench_presets(lm, presets: Sequence[str], batches: Sequence[int], new_tokens
     for preset in presets:
         if preset == "none":
             continue
-        overrides = preset_overrides(lm, preset, chunk_retriever, latent_chunks, common)
+        overrides = preset_overrides(lm, preset, chunk_retriever, latent_chunks, common, extra)
         cfg = compose(overrides)
         t = time.perf_counter()
         strat = build_strategy(cfg, lm)
@@ -660,6 +660,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--latent-k", type=int, default=5, help="chunks retrieved for the latent_kv TTFT comparison")
     ap.add_argument("--ttft-repeats", type=int, default=5)
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides (key=value) for every composed config, none included")
+    ap.add_argument("--preset-override", nargs="*", default=[],
+                    help="extra Hydra overrides for the presets only (e.g. strategy.schedule.n=32, "
+                         "strategy/schedule=every_n): other cells of the grid")
     ap.add_argument("--profile", action="store_true", help="cProfile one decode per kNN setting and per preset")
     ap.add_argument("--out", default=str(ROOT / "paper" / "bench" / "bench.json"))
     args = ap.parse_args(argv)
@@ -739,7 +742,7 @@ def main(argv=None) -> dict:
     if presets:
         res = bench_presets(lm, presets, args.context_batch, args.context_new_tokens, args.context_repeats,
                             chunk_retriever=args.chunk_retriever, latent_chunks=args.latent_chunks,
-                            common=args.override, profile=args.profile)
+                            common=args.override, profile=args.profile, extra=args.preset_override)
         out["presets"] = res["rows"]
         profiles.update(res["profile"])
     if "latent_kv" in presets:
