@@ -54,4 +54,4 @@ BENCH_OUT ?= paper/bench/bench_$(shell command -v nvidia-smi >/dev/null 2>&1 && 
 bench: setup
 	$(BIN)/python scripts/bench.py --datastore-tokens 0 --index Flat "IVF4096,SQfp16" "IVF4096,PQ64+rerank" \
 		--nprobe 8 32 --synthetic 1000000 --presets every_n per_sentence latent_kv --context-new-tokens 128 \
-		--context-batch 1 8 --latent-chunks 2000 --latent-k 5 --profile --out $(BENCH_OUT)
+		--context-batch 1 8 --latent-chunks 2000 --latent-k 5 --profile --repeats 1 --out $(BENCH_OUT)
