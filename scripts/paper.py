@@ -69,12 +69,17 @@ def run_experiments(args) -> dict:
 
     sampler = threading.Thread(target=sample_load, daemon=True)
     sampler.start()
+    # one task per row/series (group) with pending points; with --jobs N, N tasks run at once (each
+    # run is single-threaded at small scale, so N = cores keeps the machine busy). Datastores are
+    # built in atomic folders, so two runs that need the same one cannot corrupt it.
+    tasks, recs = [], []
     for spec in specs(args.only):
         if not runnable(spec):
             continue
         root = root_of(spec, args.runs)
-        t0, cpu0 = time.perf_counter(), children_cpu()
-        rec = {"name": spec["name"], "points": 0, "reused": 0, "ran": 0, "failed": 0, "skipped": []}
+        rec = {"name": spec["name"], "points": 0, "reused": 0, "ran": 0, "failed": 0, "skipped": [],
+               "wall_s": 0.0, "cpu_s": 0.0}
+        recs.append(rec)
         for entry in report.entries(spec, args.scale):
             resolved = [report.resolve(p, root) for p in entry.points()]
             rec["points"] += len(resolved)
@@ -89,33 +94,54 @@ def run_experiments(args) -> dict:
             if not pending:
                 print(f"[paper] {tag}: {len(resolved)} finished run(s) reused", flush=True)
                 continue
-            cmd = [sys.executable, "-m", "rcd.run", "--multirun"] + entry.multirun_overrides() + [
-                f"runs_root={root}", "progress=false"] + (["force=true"] if args.force else [])
-            env = dict(os.environ, RCD_RUNS=str(root))
-            if args.threads:
-                env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-            log = root / ".logs" / f"{entry.key}{'-' + entry.group if entry.group else ''}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"[paper] {tag}: running {len(pending)} of {len(resolved)} point(s) -> {log}", flush=True)
-            t1, t_start = time.perf_counter(), time.time()
-            with open(log, "w") as f:
-                f.write("$ " + " ".join(cmd) + "\n")
-                f.flush()
-                rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-            now_done = sum(1 for r in pending if r.done and (not args.force or
-                                                            (r.folder / "results.json").stat().st_mtime > t_start))
+            tasks.append((rec, root, entry, tag, pending, resolved))
+    lock = threading.Lock()
+
+    def run_task(task) -> None:
+        rec, root, entry, tag, pending, resolved = task
+        cmd = [sys.executable, "-m", "rcd.run", "--multirun"] + entry.multirun_overrides() + [
+            f"runs_root={root}", "progress=false"] + (["force=true"] if args.force else [])
+        env = dict(os.environ, RCD_RUNS=str(root))
+        if args.threads:
+            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        log = root / ".logs" / f"{entry.key}{'-' + entry.group if entry.group else ''}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[paper] {tag}: running {len(pending)} of {len(resolved)} point(s) -> {log}", flush=True)
+        t1, t_start = time.perf_counter(), time.time()
+        with open(log, "w") as f:
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)
+            rc = os.waitstatus_to_exitcode(status)
+        now_done = sum(1 for r in pending if r.done and (not args.force or
+                                                        (r.folder / "results.json").stat().st_mtime > t_start))
+        msg = f"{now_done} finished in {time.perf_counter() - t1:.0f} s"
+        with lock:
             rec["ran"] += now_done
             rec["failed"] += len(pending) - now_done
-            msg = f"{now_done} finished in {time.perf_counter() - t1:.0f} s"
+            rec["wall_s"] += time.perf_counter() - t1  # summed over its tasks (they may overlap others)
+            rec["cpu_s"] += usage.ru_utime + usage.ru_stime
             if rc != 0 or now_done < len(pending):
                 tail = log.read_text().strip().splitlines()[-1:] or [""]
                 msg += f"; FAILED (exit {rc}): {tail[0][:200]}"
                 rec["skipped"].append(f"{entry.key}{'/' + entry.group if entry.group else ''}: failed, see {log}")
-            print(f"[paper] {tag}: {msg}", flush=True)
-        rec["wall_s"] = round(time.perf_counter() - t0, 1)
-        rec["cpu_s"] = round(children_cpu() - cpu0, 1)
+        print(f"[paper] {tag}: {msg}", flush=True)
+
+    jobs = max(1, int(args.jobs or 1))
+    record["jobs"] = jobs
+    if jobs == 1:
+        for task in tasks:
+            run_task(task)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(run_task, tasks))
+    for rec in recs:
+        rec["wall_s"], rec["cpu_s"] = round(rec["wall_s"], 1), round(rec["cpu_s"], 1)
         record["experiments"].append(rec)
-    record["wall_s"] = round(time.perf_counter() - t_all, 1)
+    record["wall_s"] = round(time.perf_counter() - t_all, 1)  # elapsed, whatever ran in parallel
     record["cpu_s"] = round(sum(e["cpu_s"] for e in record["experiments"]), 1)
     stop.set()
     sampler.join()
@@ -174,7 +200,9 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
                      [f"Command: `{cmd}`; total wall time {record['wall_s']:.0f} s "
                       f"({record['wall_s'] / 60:.1f} min), CPU time of the runs {record.get('cpu_s', 0.0):.0f} s "
                       f"({record.get('cpu_s', 0.0) / 60:.1f} min), on {record.get('machine', 'an unrecorded machine')}; "
-                      f"threads per run: {record['threads'] or 'torch default'}; "
+                      f"threads per run: {record['threads'] or 'torch default'}; runs at once: {record.get('jobs', 1)}"
+                      f"{' (an experiment' + chr(39) + 's wall time is the sum over its runs)' if record.get('jobs', 1) > 1 else ''}; "
+                      f"{'merged from several invocations (total = sum of experiments); ' if record.get('partial') else ''}"
                       f"1-minute load average during the runs: mean {record.get('load_mean', '?')}, "
                       f"max {record.get('load_max', '?')} ({os.cpu_count()} cores; other jobs share the machine). "
                       "Wall time depends on how many runs were reused and on the machine's load."])
@@ -302,11 +330,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=PAPER, help="paper folder (tables/, figures/, paper.src.md)")
     ap.add_argument("--experiments", type=Path, default=None, help="folder of experiment specs (default: experiments/)")
     ap.add_argument("--force", action="store_true", help="rerun finished runs too (force=true)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="runs at once (default: the number of cores at small scale, where each run has 1 thread; "
+                         "1 at full scale)")
     args = ap.parse_args(argv)
     global EXPERIMENTS
     EXPERIMENTS = args.experiments or (REPO / "experiments")
     if args.threads is None:
         args.threads = 1 if args.scale == "small" else 0
+    if args.jobs is None:
+        args.jobs = (os.cpu_count() or 1) if args.threads == 1 else 1
     args.runs = args.runs if args.runs.is_absolute() else (REPO / args.runs)
     steps = set(args.command)
     if "all" in steps:
