@@ -95,7 +95,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 def _build(cfg: DictConfig) -> dict[str, Any]:
     from rcd.datastore import registry
     from rcd.datastore.shards import shard_corpus
-    from rcd.paths import cache_dir
+    from rcd.paths import datastore_root
     from rcd.strategy import call_target
 
     node = cfg.get("datastore")
@@ -115,7 +115,7 @@ def _build(cfg: DictConfig) -> dict[str, Any]:
     t_model = time.perf_counter() - t0
     corpus_ds = instantiate(cfg.corpus.datastore)
     corpus_name = str(cfg.corpus.name)
-    root = Path(cfg.datastore_root) if cfg.get("datastore_root") else cache_dir("datastores")
+    root = datastore_root(cfg)
     before = _existing(root)
     t1 = time.perf_counter()
     progress = bool(cfg.get("progress", True))

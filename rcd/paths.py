@@ -16,6 +16,13 @@ def cache_dir(*parts: str) -> Path:
     return p
 
 
+def datastore_root(cfg) -> Path:
+    """The folder datastores of config ``cfg`` live in: ``cfg.datastore_root`` if set, else
+    ``$RCD_CACHE/datastores`` (the same rule for rcd.run, rcd.build and the benchmark)."""
+    root = cfg.get("datastore_root") if cfg is not None else None
+    return Path(root) if root else cache_dir("datastores")
+
+
 def runs_dir() -> Path:
     p = Path(os.environ.get("RCD_RUNS", "runs")).expanduser()
     p.mkdir(parents=True, exist_ok=True)

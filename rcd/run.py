@@ -17,7 +17,7 @@ import hydra
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rcd.paths import cache_dir, runs_dir
+from rcd.paths import datastore_root, runs_dir
 
 log = logging.getLogger("rcd.run")
 
@@ -70,7 +70,7 @@ def execute(cfg: DictConfig) -> dict:
         corpus_ds = instantiate(cfg.corpus.datastore)
         if check_heldout:
             check_disjoint(corpus_ds, heldout)
-    root = Path(cfg.datastore_root) if cfg.get("datastore_root") else cache_dir("datastores")
+    root = datastore_root(cfg)
     t1 = time.perf_counter()
     strat = strategy_mod.build(cfg, lm, corpus_ds, corpus_name=cfg.corpus.name, datastore_root=root)
     t_store = time.perf_counter() - t1
@@ -105,7 +105,6 @@ def main(cfg: DictConfig) -> None:
     try:
         execute(cfg)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
-        from rcd.datastore.base import DatastoreError  # noqa: F401  (same family of user-facing errors)
         print(f"[rcd] error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -60,9 +60,9 @@ sys.path.insert(0, str(ROOT))
 
 from rcd.control.knn import KNNInterpolation  # noqa: E402
 from rcd.corpus import shakespeare  # noqa: E402
-from rcd.datastore.tokens import TokenDatastore, build_or_load  # noqa: E402
+from rcd.datastore.tokens import build_or_load  # noqa: E402
 from rcd.models import load_model  # noqa: E402
-from rcd.paths import cache_dir  # noqa: E402
+from rcd.paths import cache_dir, datastore_root  # noqa: E402
 from rcd.tasks import generate as gen  # noqa: E402
 from rcd.tasks.lm import heldout_ids  # noqa: E402
 from rcd.tasks.perplexity import score  # noqa: E402
@@ -282,7 +282,7 @@ def build_strategy(cfg, lm):
 
     strategy_mod.validate(cfg)
     corpus_ds = instantiate(cfg.corpus.datastore) if cfg.get("datastore") else None
-    root = Path(cfg.datastore_root) if cfg.get("datastore_root") else cache_dir("datastores")
+    root = datastore_root(cfg)
     return strategy_mod.build(cfg, lm, corpus_ds, corpus_name=cfg.corpus.name, datastore_root=root)
 
 
@@ -313,7 +313,7 @@ def dense_cached(lm, cfg) -> bool:
                                    kv_dtype=d.kv_dtype, memory_dtype=d.memory_dtype, **kw)[4]
     else:
         return False
-    root = Path(cfg.datastore_root) if cfg.get("datastore_root") else cache_dir("datastores")
+    root = datastore_root(cfg)
     return base.find_existing(root, base.fingerprint(spec)) is not None
 
 

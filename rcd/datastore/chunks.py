@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from rcd.datastore import base
-from rcd.datastore.base import NpyAppender  # noqa: F401  (re-exported: latent imports it from here)
+from rcd.datastore.base import NpyAppender
 from rcd.datastore.chunking import Chunk, Chunker
 from rcd.datastore.index import load_or_build_index
 from rcd.datastore.shards import check_shard, shard_label, shard_rows

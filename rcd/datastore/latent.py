@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from rcd.datastore import base, shards
-from rcd.datastore.chunks import (ChunkDatastore, ChunkHits, NpyAppender, folder_bytes, merge_chunk_folders,
-                                  resolve_parts, shard_label, shard_rows)
+from rcd.datastore.base import NpyAppender
+from rcd.datastore.chunks import (ChunkDatastore, ChunkHits, folder_bytes, merge_chunk_folders, resolve_parts,
+                                  shard_label, shard_rows)
 from rcd.datastore.index import load_or_build_index
 from rcd.hooks import HiddenCapture
 
