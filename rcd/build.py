@@ -13,6 +13,10 @@ config has no shard keys: add them with ``+datastore.shard=i +datastore.num_shar
 Prints a summary: entries, bytes on disk, seconds, index type, peak resident memory of this
 process (``resource.getrusage``, includes the model and encoder), and whether the datastore was
 built or reused.
+
+``--verify`` (or ``verify=true``) re-reads every byte of the datastore's files against the
+SHA-1 checksums in its manifest (every load checks sizes and sampled blocks only) and refuses a
+datastore whose files changed after the build.
 """
 from __future__ import annotations
 
@@ -98,9 +102,12 @@ def _build(cfg: DictConfig) -> dict[str, Any]:
     from rcd.paths import datastore_root
     from rcd.strategy import call_target
 
+    from rcd.validate import check_config
+
     node = cfg.get("datastore")
     if node is None or not node.get("_target_"):
         raise ValueError("no datastore chosen: add datastore=<tokens|chunks|tags|latent>")
+    check_config(cfg, task=False)  # before any model loads
     unit = str(node.get("unit"))
     params = OmegaConf.to_container(node, resolve=True)
     merge = bool(cfg.get("merge", False))
@@ -134,6 +141,13 @@ def _build(cfg: DictConfig) -> dict[str, Any]:
         store = call_target(node, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=root, progress=progress)
     seconds = time.perf_counter() - t1
     info = store.describe()
+    verified = None
+    if cfg.get("verify"):
+        from rcd.datastore.base import read_manifest, verify_files
+
+        tv = time.perf_counter()
+        nbytes = verify_files(Path(info["folder"]), read_manifest(Path(info["folder"])), full=True)
+        verified = {"bytes": nbytes, "seconds": round(time.perf_counter() - tv, 2)}
     summary = {
         "unit": unit, "corpus": corpus_name, "corpus_rows": len(corpus_ds),
         "model": lm.name if lm is not None else None,
@@ -142,7 +156,7 @@ def _build(cfg: DictConfig) -> dict[str, Any]:
         "seconds": round(seconds, 2), "model_load_seconds": round(t_model, 2), "index": info.get("index"),
         "peak_rss_mib": round(peak_rss_mb(), 1), "folder": info["folder"],
         "shard": params.get("shard") if not merge else None, "num_shards": params.get("num_shards"),
-        "describe": info,
+        "describe": info, "verified": verified,
     }
     return summary
 
@@ -154,6 +168,9 @@ def format_summary(s: dict[str, Any]) -> str:
             ("peak RSS", f"{s['peak_rss_mib']:,} MiB (incl. memory-mapped file pages)"),
             ("peak anon", "n/a" if s.get("peak_anon_mib") is None else f"{s['peak_anon_mib']:,} MiB (heap: model, batch, index)"),
             ("folder", s["folder"])]
+    if s.get("verified"):
+        rows.append(("verified", f"every byte ({s['verified']['bytes']:,}) matches the manifest checksums "
+                                 f"({s['verified']['seconds']} s)"))
     if s.get("num_shards"):
         rows.insert(1, ("shard", "merged" if s["shard"] is None else f"{s['shard']} of {s['num_shards']}"))
     w = max(len(k) for k, _ in rows)
@@ -165,18 +182,25 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     from hydra.errors import InstantiationException
 
-    from rcd.datastore.base import DatastoreError
+    from rcd.errors import EXIT_CODE, RcdError
+    from rcd.run import report_error
 
     try:
         summary = build(cfg)
-    except (ValueError, DatastoreError, FileNotFoundError, InstantiationException) as e:  # user-facing errors
-        print(f"[rcd.build] error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (RcdError, ValueError, RuntimeError, OSError, InstantiationException) as e:  # user-facing errors
+        report_error(e)
+        sys.exit(EXIT_CODE)
     print(format_summary(summary))
     print("[rcd.build] json " + json.dumps({k: v for k, v in summary.items() if k != "describe"}, default=str))
     if cfg.get("summary_json"):
         Path(cfg.summary_json).write_text(json.dumps(summary, indent=2, default=str))
 
 
+def _flags(argv: list[str]) -> list[str]:
+    """``--verify`` is ``verify=true`` (Hydra takes no flags of its own for it)."""
+    return ["verify=true" if a == "--verify" else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0]] + _flags(sys.argv[1:])
     main()

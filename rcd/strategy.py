@@ -16,8 +16,10 @@ from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import LogitsProcessor
 
+from rcd.errors import RcdError
 
-class StrategyError(ValueError):
+
+class StrategyError(RcdError):
     pass
 
 

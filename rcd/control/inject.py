@@ -48,12 +48,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from rcd.errors import RcdError
 from rcd.hooks import resolve_layer
 
 POSITIONS = ("shift", "independent")
 
 
-class InjectError(ValueError):
+class InjectError(RcdError):
     pass
 
 

@@ -48,8 +48,9 @@ class KNNInterpolation(LogitsControl):
     def __init__(self, k: int = 256, lmbda: float = 0.1, temperature: float = 100.0, datastore=None, capture=None):
         if k < 1:
             raise ValueError(f"knn k={k} must be >= 1")
-        if not 0.0 <= lmbda <= 1.0:
-            raise ValueError(f"knn lmbda={lmbda} must be in [0, 1]")
+        if not 0.0 <= lmbda < 1.0:
+            raise ValueError(f"knn lmbda={lmbda} must be in [0, 1): with lmbda=1 every token outside the k "
+                             "neighbours gets probability 0 (infinite perplexity); use e.g. 0.99")
         if temperature <= 0:
             raise ValueError(f"knn temperature={temperature} must be > 0")
         self.k, self.lmbda, self.temperature = int(k), float(lmbda), float(temperature)

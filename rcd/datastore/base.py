@@ -9,6 +9,11 @@ On disk a datastore is one folder ``<root>/<unit>-<corpus>-<model>-<fingerprint>
 It is built in ``<root>/.building-<fingerprint>-<pid>`` and renamed into place only after the
 manifest is written, so an interrupted build never looks finished. Loading checks the manifest
 against the model in use and refuses a mismatch with a message that says what differs.
+
+Integrity: the manifest lists every file of the folder (``checksums``: bytes, SHA-1 of the whole
+file, SHA-1 of 32 sampled 16 KiB blocks). Every load checks sizes and sampled blocks (a zeroed,
+truncated or swapped array is refused; about 0.5 MiB read per file); ``python -m rcd.build ...
+--verify`` re-hashes every byte. Folders of an older format (no checksums) are rebuilt.
 """
 from __future__ import annotations
 
@@ -25,10 +30,14 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-FORMAT = "rcd-datastore/1"
+from rcd.errors import RcdError
+
+FORMAT = "rcd-datastore/2"
+SAMPLE_BLOCK = 16 * 1024
+SAMPLE_BLOCKS = 32
 
 
-class DatastoreError(RuntimeError):
+class DatastoreError(RcdError, RuntimeError):
     """A datastore that is missing, corrupt, incomplete or built for another model."""
 
 
@@ -68,11 +77,15 @@ def clean_stale_builds(root: Path) -> None:
 @contextmanager
 def atomic_folder(final: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success rename it to ``final``, on error delete it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_builds(final.parent)
-    tmp = final.parent / f".building-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_builds(final.parent)
+        tmp = final.parent / f".building-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise DatastoreError(f"cannot build datastore {final.name} in {final.parent} ({e.strerror}): set "
+                             "datastore_root=<a writable folder> (or RCD_CACHE)") from None
     try:
         yield tmp
         if not (tmp / "manifest.json").exists():
@@ -91,6 +104,65 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def sampled_sha1(path: Path, size: Optional[int] = None) -> str:
+    """SHA-1 of the size and ``SAMPLE_BLOCKS`` blocks at evenly spaced offsets (first and last included)."""
+    size = Path(path).stat().st_size if size is None else size
+    h = hashlib.sha1(f"size={size}".encode())
+    with open(path, "rb") as f:
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(max(0, size - SAMPLE_BLOCK) * i // (SAMPLE_BLOCKS - 1))
+            h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def full_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """Files a manifest vouches for: everything but the manifest and the lazily built ``index/``."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"
+                  and p.relative_to(folder).parts[0] != "index")
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` with the checksums of every data file in ``folder`` (see module doc)."""
+    sums = {}
+    for p in _data_files(folder):
+        size = p.stat().st_size
+        sums[p.relative_to(folder).as_posix()] = {"bytes": size, "sha1": full_sha1(p), "sampled": sampled_sha1(p, size)}
+    write_json_atomic(folder / "manifest.json", {**manifest, "checksums": sums})
+
+
+def verify_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> int:
+    """Check the folder's files against the manifest's checksums; returns the bytes read. Refuses any
+    missing, extra-sized or changed file (``full``: every byte; else sizes and sampled blocks)."""
+    folder = Path(folder)
+    sums = manifest.get("checksums")
+    if not isinstance(sums, dict):
+        raise DatastoreError(f"{folder}/manifest.json lists no checksums: the datastore cannot be verified; "
+                             f"delete it (rm -r {folder}) and rebuild")
+    read = 0
+    for rel, want in sums.items():
+        p = folder / rel
+        if not p.is_file():
+            raise DatastoreError(f"{p} is missing: the datastore is incomplete; delete {folder} and rebuild")
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            raise DatastoreError(f"{p} has {size:,} bytes, the manifest says {want['bytes']:,}: corrupt datastore; "
+                                 f"delete {folder} and rebuild")
+        got = full_sha1(p) if full else sampled_sha1(p, size)
+        read += size if full else min(size, SAMPLE_BLOCK * SAMPLE_BLOCKS)
+        if got != want["sha1" if full else "sampled"]:
+            raise DatastoreError(f"{p} does not match its checksum in the manifest (changed after the build): "
+                                 f"corrupt datastore; delete {folder} and rebuild")
+    return read
+
+
 def model_identity(lm) -> dict[str, Any]:
     """What a datastore records about the model that built it (and checks on load)."""
     from rcd.models import tokenizer_fingerprint
@@ -98,6 +170,8 @@ def model_identity(lm) -> dict[str, Any]:
     return {
         "name": lm.name,
         "source": lm.source,
+        "fingerprint": lm.fingerprint,
+        "dtype": lm.dtype,
         "hidden_size": lm.hidden_size,
         "vocab_size": lm.vocab_size,
         "tokenizer": tokenizer_fingerprint(lm.tokenizer),
@@ -118,6 +192,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise DatastoreError(f"{mpath} is corrupt ({e}); delete {folder} and rebuild") from e
     if manifest.get("format") != FORMAT:
         raise DatastoreError(f"{folder} has format {manifest.get('format')!r}, expected {FORMAT!r}; rebuild it")
+    verify_files(folder, manifest, full=False)
     return manifest
 
 
@@ -130,6 +205,8 @@ def check_model(manifest: dict[str, Any], lm, folder: Path) -> None:
         problems.append(f"hidden size {built.get('hidden_size')} vs {now['hidden_size']}")
     if built.get("vocab_size") != now["vocab_size"]:
         problems.append(f"vocabulary size {built.get('vocab_size')} vs {now['vocab_size']}")
+    if manifest.get("unit") in ("tokens", "latent") and built.get("fingerprint") != now["fingerprint"]:
+        problems.append(f"other weights (content fingerprint {built.get('fingerprint')} vs {now['fingerprint']})")
     if built.get("tokenizer") != now["tokenizer"]:
         problems.append("a different tokenizer (vocabulary hash "
                         f"{built.get('tokenizer')} vs {now['tokenizer']})")
@@ -171,9 +248,14 @@ class Timer:
 
 
 def find_existing(root: Path, fp: str) -> Optional[Path]:
+    """The finished datastore folder with fingerprint ``fp`` under ``root`` (folders of an older
+    format do not count: building anew replaces them)."""
     for p in Path(root).glob(f"*-{fp}"):
-        if (p / "manifest.json").exists():
-            return p
+        try:
+            if json.loads((p / "manifest.json").read_text()).get("format") == FORMAT:
+                return p
+        except (OSError, ValueError):
+            continue
     return None
 
 

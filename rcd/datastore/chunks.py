@@ -321,7 +321,7 @@ class ChunkDatastore:
             "build_seconds": round(timer.seconds, 2), "entries_per_second": round(n / max(timer.seconds, 1e-9), 1),
             **(extra or {}),
         }
-        base.write_json_atomic(tmp / "manifest.json", manifest)
+        base.write_manifest(tmp, manifest)
         return manifest
 
     # ---------------------------------------------------------------- load

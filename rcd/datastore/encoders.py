@@ -89,11 +89,9 @@ class TextEncoder:
 
 def weights_fingerprint(model) -> str:
     """Hash of a sentence-transformers model's tensors, tokenizer vocabulary and module stack."""
-    h = hashlib.sha1()
-    for key, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    from rcd.identity import tensors_fingerprint
+
+    h = hashlib.sha1(tensors_fingerprint(model).encode())
     tok = getattr(model, "tokenizer", None)
     if tok is not None and hasattr(tok, "get_vocab"):
         for piece, idx in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):

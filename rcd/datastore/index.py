@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from rcd.datastore.base import DatastoreError, Timer, slug
+from rcd.datastore.base import DatastoreError, Timer, sampled_sha1, slug
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,19 @@ def save_index(index, folder: Path, factory: str, metric: str, info: dict) -> Pa
     os.replace(tmp, path)
     meta = path.with_suffix(".json")
     tmpm = meta.with_name(meta.name + f".tmp-{os.getpid()}")
-    tmpm.write_text(json.dumps({"factory": factory, "metric": metric, "ntotal": int(index.ntotal), **info}, indent=2))
+    tmpm.write_text(json.dumps({"factory": factory, "metric": metric, "ntotal": int(index.ntotal),
+                                "bytes": path.stat().st_size, "sampled": sampled_sha1(path), **info}, indent=2))
     os.replace(tmpm, meta)
     return path
+
+
+def _index_intact(path: Path) -> bool:
+    """Whether the index file matches the size and sampled checksum its .json recorded when saved."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        return meta.get("bytes") == path.stat().st_size and meta.get("sampled") == sampled_sha1(path)
+    except (OSError, ValueError):
+        return False
 
 
 def load_or_build_index(folder: Path, keys: np.ndarray, factory: str, metric: str, *, nprobe: Optional[int] = None,
@@ -90,6 +100,9 @@ def load_or_build_index(folder: Path, keys: np.ndarray, factory: str, metric: st
     """Open ``index/<factory>-<metric>.faiss`` (building it the first time) and set search params."""
     faiss = _faiss()
     path = index_path(folder, factory, metric)
+    if path.exists() and not _index_intact(path):
+        log.warning("%s does not match its recorded checksum (changed or half-written): rebuilding it", path)
+        path.unlink()
     if path.exists():
         try:
             index = faiss.read_index(str(path))

@@ -372,8 +372,8 @@ def _resolve(lm, corpus_ds, corpus_name, *, kv, memories, memory_layer, memory_v
             resolve_layer(lm.model, memory_value_layer)
     chunker, enc, sh, espec = resolve_parts(lm, corpus_ds, corpus_name, shard=shard, num_shards=num_shards, **chunk_kw)
     ident = base.model_identity(lm)
-    spec = {"unit": "latent", "entries": espec, "model": ident["source"], "tokenizer": ident["tokenizer"],
-            "hidden_size": ident["hidden_size"], "kv": bool(kv), "kv_dtype": kv_dtype if kv else None,
+    spec = {"unit": "latent", "entries": espec, "model": ident["fingerprint"], "dtype": ident["dtype"],
+            "tokenizer": ident["tokenizer"], "hidden_size": ident["hidden_size"], "kv": bool(kv), "kv_dtype": kv_dtype if kv else None,
             "memories": bool(memories), "memory_layer": _layer_name(memory_layer) if memories else None,
             "memory_value_layer": (_layer_name(memory_value_layer) if memories and memory_value_layer is not None
                                    else None), "memory_dtype": memory_dtype if memories else None}
@@ -434,7 +434,7 @@ def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, chunking: str 
             del tokens
             files = {"size": len(offsets) - 1, "tokens": int(offsets[-1]), "chunk_tokens": tok_spec,
                      "chunk_token_offsets": off_spec}
-            base.write_json_atomic(tmp / "manifest.json", _manifest(spec, lm, files, latents, timer))
+            base.write_manifest(tmp, _manifest(spec, lm, files, latents, timer))
         log.info("built latent datastore %s in %.1fs", folder, timer.seconds)
     return LatentDatastore.load(folder, lm, encoder=enc, index_factory=index_factory, metric=metric,
                                 memory_index_factory=memory_index_factory, memory_metric=memory_metric,
@@ -495,7 +495,7 @@ def merge_shards(lm, corpus_ds, corpus_name: str, root: Path, *, num_shards: int
                 latents["memories"] = mem
             files = {"size": sum(m["size"] for m in manifests), "tokens": total, "chunk_tokens": tok_spec,
                      "chunk_token_offsets": off_spec}
-            base.write_json_atomic(tmp / "manifest.json", _manifest(spec, lm, files, latents, timer,
+            base.write_manifest(tmp, _manifest(spec, lm, files, latents, timer,
                                                                     {"merged_from": [p.name for p in parts]}))
     return LatentDatastore.load(folder, lm, encoder=enc, index_factory=index_factory, metric=metric,
                                 memory_index_factory=memory_index_factory, memory_metric=memory_metric,

@@ -171,6 +171,6 @@ def merge_token_shards(lm, corpus_ds, corpus_name: str, root: Path, *, num_shard
                 "build_seconds": round(seconds, 2), "tokens_per_second": round(total / max(seconds, 1e-9), 1),
                 "merged_from": [p.name for p in parts],
             }
-            base.write_json_atomic(tmp / "manifest.json", manifest)
+            base.write_manifest(tmp, manifest)
     return TokenDatastore.load(folder, lm, index_factory=index_factory, metric=metric, nprobe=nprobe,
                                ef_search=ef_search, use_gpu=use_gpu)

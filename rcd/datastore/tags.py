@@ -487,7 +487,7 @@ def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, tag_field: Opt
             entries = ChunkDatastore(tmp / "entries", base.read_manifest(tmp / "entries"), retriever=retriever)
             files = write_tags(tmp, entries, corpus_ds, tag_field, title_field, progress)
             del entries
-            base.write_json_atomic(tmp / "manifest.json", _manifest(spec, files, tag_field, title_field, timer))
+            base.write_manifest(tmp, _manifest(spec, files, tag_field, title_field, timer))
     return TagDatastore.load(folder, lm, encoder=enc, weighting=weighting, temperature=temperature,
                              max_tags=max_tags, index_factory=index_factory, metric=metric, nprobe=nprobe,
                              ef_search=ef_search, use_gpu=use_gpu, rrf_k=rrf_k, candidates=candidates,
@@ -521,7 +521,7 @@ def merge_shards(lm, corpus_ds, corpus_name: str, root: Path, *, num_shards: int
                                 chunker_spec=chunker.spec(), retriever=retriever, encoder=enc, progress=progress,
                                 lm=lm)
             tag_files = merge_tag_files(parts, tmp)
-            base.write_json_atomic(tmp / "manifest.json", _manifest(
+            base.write_manifest(tmp, _manifest(
                 spec, tag_files, tf, ttf, timer, {"merged_from": [p.name for p in parts]}))
     return TagDatastore.load(folder, lm, encoder=enc, weighting=weighting, temperature=temperature,
                              max_tags=max_tags, index_factory=index_factory, metric=metric, nprobe=nprobe,

@@ -94,8 +94,8 @@ class TokenDatastore:
     @staticmethod
     def spec(lm, corpus_name: str, corpus_fp: str, layer, max_tokens, window, stride, key_dtype) -> dict:
         ident = base.model_identity(lm)
-        return {"unit": "tokens", "corpus": corpus_fp, "corpus_name": corpus_name, "model": ident["source"],
-                "tokenizer": ident["tokenizer"], "hidden_size": ident["hidden_size"], "layer": str(layer),
+        return {"unit": "tokens", "corpus": corpus_fp, "corpus_name": corpus_name, "model": ident["fingerprint"],
+                "dtype": ident["dtype"], "tokenizer": ident["tokenizer"], "hidden_size": ident["hidden_size"], "layer": str(layer),
                 "max_tokens": max_tokens, "window": window, "stride": stride, "key_dtype": key_dtype}
 
     @classmethod
@@ -154,7 +154,7 @@ class TokenDatastore:
                 "positions": base.array_spec("positions.npy", (total, 2), np.int64),
                 "build_seconds": round(timer.seconds, 2), "tokens_per_second": round(total / timer.seconds, 1),
             }
-            base.write_json_atomic(tmp / "manifest.json", manifest)
+            base.write_manifest(tmp, manifest)
         log.info("built token datastore %s: %d entries in %.1fs", folder, total, timer.seconds)
         return folder
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from rcd.errors import RcdError
 from rcd.hooks import HiddenCapture
 
 
@@ -26,11 +27,25 @@ class _FirstTokenTimer(LogitsProcessor):
 
 @torch.inference_mode()
 def generate(lm, prompts: list[str], processor=None, *, max_new_tokens: int = 64, capture_layer="final",
-             do_sample: bool = False, seed: int = 0) -> dict:
-    """Greedy (or seeded sampling) continuations; ``processor`` is a LogitsProcessor or None."""
+             do_sample: bool = False, seed: int = 0, long_prompt: str = "truncate_left") -> dict:
+    """Greedy (or seeded sampling) continuations; ``processor`` is a LogitsProcessor or None.
+
+    A prompt whose tokens and ``max_new_tokens`` exceed the model's context keeps its last tokens
+    (``long_prompt`` drop_passages / truncate_left; counted as ``prompts_truncated``) or is refused
+    (``refuse``)."""
     tok, model = lm.tokenizer, lm.model
     tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True).to(lm.device)
+    ctx = lm.context_length
+    limit = None if ctx is None else ctx - max_new_tokens
+    lengths = [len(x) for x in tok(prompts)["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if limit is not None and n > limit]
+    if too_long and long_prompt == "refuse":
+        raise RcdError(f"task.prompts[{too_long[0]}] has {lengths[too_long[0]]} tokens; with {max_new_tokens} new "
+                       f"tokens it exceeds the context of {lm.name!r} ({ctx}); shorten it or set "
+                       "task.long_prompt=truncate_left")
+    tok.truncation_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, truncation=bool(too_long),
+              max_length=limit if too_long else None).to(lm.device)
     timer = _FirstTokenTimer()
     procs = LogitsProcessorList([timer] + ([processor] if processor is not None else []))
     capture = HiddenCapture(model, capture_layer) if processor is not None else None
@@ -57,4 +72,5 @@ def generate(lm, prompts: list[str], processor=None, *, max_new_tokens: int = 64
         "seconds": total,
         "time_to_first_token": ttft,
         "tokens_per_second": (n_new - len(prompts)) / decode_time if n_new > len(prompts) else 0.0,
+        "prompts_truncated": len(too_long),
     }

@@ -11,10 +11,43 @@ from rcd.tasks import generate as gen
 from rcd.tasks import perplexity
 
 
+def validate(cfg) -> None:
+    """Start-up checks of the LM task (rcd.validate)."""
+    from rcd.validate import ConfigError, check_long_prompt, positive_int
+
+    t = cfg.task
+    positive_int("task.eval_tokens", t.get("eval_tokens"), allow_none=True, minimum=2)
+    positive_int("task.window", t.get("window"), minimum=2)
+    positive_int("task.stride", t.get("stride"))
+    if t.stride > t.window:
+        raise ConfigError("task.stride", f"must be <= task.window={t.window}, got {t.stride}")
+    check_long_prompt(cfg)
+    if t.get("generate", True):
+        positive_int("task.max_new_tokens", t.get("max_new_tokens"))
+        prompts = list(t.get("prompts") or [])
+        if not prompts:
+            raise ConfigError("task.prompts", "is empty but task.generate=true; give prompts or task.generate=false")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ConfigError(f"task.prompts[{i}]", f"must be a non-empty string, got {p!r}")
+
+
+def validate_with_model(cfg, lm) -> None:
+    """The scoring window and the generation budget fit the model's context."""
+    from rcd.validate import ConfigError, check_generation_fits
+
+    ctx = lm.context_length
+    if ctx is not None and int(cfg.task.window) > ctx:
+        raise ConfigError("task.window", f"{cfg.task.window} is longer than the context of {lm.name!r} ({ctx} "
+                          f"positions); choose task.window <= {ctx}")
+    if cfg.task.get("generate", True):
+        check_generation_fits(cfg, lm)
+
+
 def heldout_ids(lm, heldout_ds, eval_tokens) -> torch.Tensor:
     text = "\n\n".join(heldout_ds["text"])
     ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    if eval_tokens:
+    if eval_tokens is not None:  # validated at start-up: null (all) or >= 2
         ids = ids[: int(eval_tokens)]
     if ids.numel() < 2:
         raise ValueError("the held-out text is empty: choose another held-out set (corpus.heldout)")
@@ -30,18 +63,22 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
         metrics["schedule"] = strategy.schedule.stats()
     prompts = list(t.prompts) if t.get("generate", True) else []
     gens = {}
+    policy = t.get("long_prompt", "drop_passages")
     if prompts:
-        gens["none"] = gen.generate(lm, prompts, None, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
+        gens["none"] = gen.generate(lm, prompts, None, max_new_tokens=t.max_new_tokens, seed=cfg.seed,
+                                    long_prompt=policy)
     if prompts and not strategy.is_baseline:
         proc = strategy.processor()
-        with_ret = gen.generate(lm, prompts, proc, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
+        with_ret = gen.generate(lm, prompts, proc, max_new_tokens=t.max_new_tokens, seed=cfg.seed,
+                                long_prompt=policy)
         gens[strategy.name] = with_ret
         nb = getattr(strategy.control, "last_neighbours", None)
         if nb is not None:
             provenance.append({"task": "generate", "note": "neighbours at the last generation step",
                                "ids": nb.ids[:, :8].tolist(), "scores": nb.scores[:, :8].tolist(),
                                "tokens": nb.tokens[:, :8].tolist()})
-    metrics["generation"] = {k: {kk: v[kk] for kk in ("tokens_per_second", "time_to_first_token", "new_tokens")}
+    metrics["generation"] = {k: {kk: v[kk] for kk in ("tokens_per_second", "time_to_first_token", "new_tokens",
+                                                      "prompts_truncated")}
                              for k, v in gens.items()}
     if len(gens) == 2:
         a, b = gens["none"]["tokens_per_second"], gens[strategy.name]["tokens_per_second"]

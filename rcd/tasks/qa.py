@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rcd.engine import Engine, Request, from_config
+from rcd.errors import RcdError
 from rcd.metrics import bootstrap_ci, load_metric, recall_at_k
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class QAError(ValueError):
+class QAError(RcdError):
     pass
 
 
@@ -48,28 +49,52 @@ def resolve_path(path: str) -> Path:
     if not p.is_absolute() and (REPO / p).exists():
         return REPO / p
     hint = " (make it with `python scripts/make_wordnet_qa.py`)" if "wordnet" in str(path) else ""
-    raise QAError(f"QA file {path!r} does not exist{hint}")
+    raise QAError(f"task.path: QA file {path!r} does not exist{hint}")
+
+
+def read_rows(path: str, question_field: str = "question", answers_field: str = "answers") -> list[dict]:
+    """Every row of a QA jsonl file, each checked: valid JSON, UTF-8, a non-empty question string and at
+    least one non-empty answer. A bad row is refused with its line number."""
+    from rcd.corpus import CorpusError, check_json_lines
+
+    file = resolve_path(path)
+    try:
+        check_json_lines(file, [question_field, answers_field], what="QA file")
+    except CorpusError as e:
+        raise QAError(str(e)) from None
+    rows = []
+    with file.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            q = r[question_field]
+            if not isinstance(q, str) or not q.strip():
+                raise QAError(f"QA file {file}: line {line_no} has an empty or non-string {question_field!r} ({q!r}); "
+                              "give every row a question, or remove the row")
+            answers = r[answers_field]
+            answers = answers if isinstance(answers, (list, tuple)) else [answers]
+            if not answers or any(a is None or not str(a).strip() for a in answers):
+                raise QAError(f"QA file {file}: line {line_no} has no usable {answers_field!r} ({r[answers_field]!r}); "
+                              "give a non-empty answer or list of answers")
+            r["_line"] = line_no
+            rows.append(r)
+    return rows
 
 
 def load_examples(path: str, *, question_field: str = "question", answers_field: str = "answers",
                   gold_field: Optional[str] = "gold_id", id_field: Optional[str] = "id", n: Optional[int] = None,
                   seed: int = 0, filter: Optional[dict] = None) -> list[dict]:
     """Read, filter and sample QA records as ``{id, question, answers, gold}`` (file order kept)."""
-    rows = []
-    with resolve_path(path).open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                rows.append(json.loads(line))
-    if not rows:
-        raise QAError(f"QA file {path!r} is empty")
-    for field in [question_field, answers_field] + ([gold_field] if gold_field else []):
-        if field not in rows[0]:
-            raise QAError(f"QA file {path!r} has no field {field!r}; fields: {sorted(rows[0])}")
+    rows = read_rows(path, question_field, answers_field)
+    if gold_field and gold_field not in rows[0]:
+        raise QAError(f"QA file {path!r} has no field {gold_field!r} (task.gold_field); fields: "
+                      f"{sorted(k for k in rows[0] if k != '_line')}. Set task.gold_field=null to skip recall")
     for key, want in (filter or {}).items():
         allowed = set(want) if isinstance(want, (list, tuple)) else {want}
         rows = [r for r in rows if r.get(key) in allowed]
         if not rows:
-            raise QAError(f"no QA example has {key} in {sorted(map(str, allowed))}")
+            raise QAError(f"task.filter: no QA example has {key} in {sorted(map(str, allowed))}")
     if n is not None and int(n) < len(rows):
         keep = sorted(random.Random(int(seed)).sample(range(len(rows)), int(n)))
         rows = [rows[i] for i in keep]
@@ -80,6 +105,37 @@ def load_examples(path: str, *, question_field: str = "question", answers_field:
         out.append({"id": str(r[id_field]) if id_field and id_field in r else str(i), "question": str(r[question_field]),
                     "answers": answers, "gold": r.get(gold_field) if gold_field else None})
     return out
+
+
+def validate(cfg) -> None:
+    """Start-up checks of the QA task (rcd.validate): parameters and every row of the QA file."""
+    from rcd.validate import check_long_prompt, positive_int
+
+    t = cfg.task
+    positive_int("task.max_new_tokens", t.get("max_new_tokens"))
+    positive_int("task.batch_size", t.get("batch_size", 8))
+    positive_int("task.n", t.get("n"), allow_none=True)
+    positive_int("task.recall_k", t.get("recall_k"), allow_none=True)
+    check_long_prompt(cfg)
+    if t.get("answer_regex"):
+        try:
+            re.compile(t.answer_regex)
+        except re.error as e:
+            raise QAError(f"task.answer_regex={t.answer_regex!r} is not a valid regular expression ({e})") from None
+    fmt = t.get("prompt") or "{question}\n{instruction}"
+    try:
+        fmt.format(question="q", instruction="i")
+    except (KeyError, IndexError, ValueError) as e:
+        raise QAError(f"task.prompt={fmt!r} may only use {{question}} and {{instruction}} ({e!r})") from None
+    load_examples(t.path, question_field=t.question_field, answers_field=t.answers_field,
+                  gold_field=t.get("gold_field"), id_field=t.get("id_field"), n=t.get("n"),
+                  seed=int(t.get("seed", cfg.get("seed", 0))), filter=t.get("filter"))
+
+
+def validate_with_model(cfg, lm) -> None:
+    from rcd.validate import check_generation_fits
+
+    check_generation_fits(cfg, lm)
 
 
 def extract_answer(text: str, regex: Optional[str] = None) -> str:

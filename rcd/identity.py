@@ -1,0 +1,234 @@
+"""What a run or a datastore *is*, by content: fingerprints of files, models and the rcd code.
+
+Run folders and datastore folders are named by hashes that include these fingerprints, never the
+paths the inputs were read from, so an input edited in place (a corpus, a held-out or QA file,
+new weights saved over old ones) gives a new hash and is recomputed, and the same content read
+from another place (another ``RCD_CACHE``, a copied data file) is reused.
+
+File fingerprint (:func:`file_fingerprint`): SHA-1 of the whole file up to
+``RCD_FULL_HASH_BYTES`` (default 256 MiB); above that, of the size and 64 blocks of 64 KiB at
+evenly spaced offsets, the first and the last included ("sampled": an edit that keeps the size
+and touches none of those blocks goes unseen; say ``RCD_FULL_HASH_BYTES=<larger>`` to hash it
+whole). Results are cached in ``$RCD_CACHE/fingerprints.json`` by (path, size, mtime, inode), so
+an unchanged file is read once.
+
+Model fingerprint (:func:`model_fingerprint`): an embedded alias hashes its GGUF file; a local
+folder hashes every file in it (config, weights, tokenizer); a hub id hashes its snapshot in the
+local Hugging Face cache when there is one, else records ``hub:<id>`` (content unknown until it is
+downloaded). A model that exists only in memory hashes its tensors (:func:`tensors_fingerprint`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+BLOCK = 64 * 1024
+BLOCKS = 64
+
+
+def full_hash_limit() -> int:
+    return int(os.environ.get("RCD_FULL_HASH_BYTES", 256 * 2 ** 20))
+
+
+def _cache_file() -> Path:
+    from rcd.paths import cache_dir
+
+    return cache_dir() / "fingerprints.json"
+
+
+_MEMO: dict[str, dict] = {}
+
+
+def _load_cache() -> dict:
+    if not _MEMO:
+        try:
+            _MEMO.update(json.loads(_cache_file().read_text()))
+        except (OSError, ValueError):
+            pass
+    return _MEMO
+
+
+def _save_cache(cache: dict) -> None:
+    path = _cache_file()
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache only costs re-hashing
+        tmp.unlink(missing_ok=True)
+
+
+def _hash_file(path: Path, size: int) -> tuple[str, str]:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        if size <= full_hash_limit():
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return h.hexdigest()[:16], "full"
+        h.update(f"size={size}".encode())
+        for i in range(BLOCKS):
+            f.seek((size - BLOCK) * i // (BLOCKS - 1))
+            h.update(f.read(BLOCK))
+    return h.hexdigest()[:16], "sampled"
+
+
+def file_fingerprint(path, detail: bool = False):
+    """Content fingerprint of a file (see module doc); ``detail=True`` returns a dict with the method."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache = _load_cache()
+    rec = cache.get(key)
+    if rec is None:
+        fp, method = _hash_file(p, st.st_size)
+        rec = {"fingerprint": fp, "method": method, "bytes": st.st_size}
+        cache[key] = rec
+        _save_cache(cache)
+    return dict(rec) if detail else rec["fingerprint"]
+
+
+def folder_fingerprint(folder, exclude=(".git",)) -> str:
+    """Fingerprint of every file below ``folder`` (relative names + contents; hidden folders skipped)."""
+    root = Path(folder)
+    h = hashlib.sha1()
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and not any(part.startswith(".") or part in exclude for part in rel.parts):
+            h.update(f"{rel.as_posix()}\t{file_fingerprint(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def tensors_fingerprint(module) -> str:
+    """Hash of a torch module's state dict: names, shapes, dtypes and bytes of every tensor."""
+    import torch
+
+    h = hashlib.sha1()
+    for key, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _hub_snapshot(repo_id: str) -> Optional[Path]:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not in the local cache (or no huggingface_hub): content unknown
+        return None
+
+
+def model_fingerprint(name: str) -> str:
+    """Content fingerprint of model ``name`` (embedded alias, local folder or hub id), see module doc."""
+    from rcd.models import EMBEDDED, embedded_file
+
+    if name in EMBEDDED:
+        return "gguf:" + file_fingerprint(embedded_file(name))
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return "files:" + folder_fingerprint(p)
+    snap = _hub_snapshot(name)
+    if snap is not None:
+        return "files:" + folder_fingerprint(snap)
+    return f"hub:{name}"
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """rcd's version and, when it runs from a git checkout, the commit and whether the tree is dirty."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("rcd")
+    except PackageNotFoundError:
+        ver = None
+    repo = Path(__file__).resolve().parents[1]
+    out: dict[str, Any] = {"rcd": ver, "commit": None, "dirty": None}
+    if (repo / ".git").exists():
+        try:
+            out["commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                           text=True, timeout=10).stdout.strip() or None
+            status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout
+            out["dirty"] = bool(status.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+# ---------------------------------------------------------------- runs
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _as_file(value: str) -> Optional[Path]:
+    """The existing file (or, for values with a '/', folder) a config string names, if any."""
+    if not isinstance(value, str) or not value or "\n" in value or len(value) > 4096:
+        return None
+    p = Path(value).expanduser()
+    for cand in ([p] if p.is_absolute() else [p, REPO / p]):
+        try:
+            if cand.is_file() or ("/" in value and cand.is_dir()):
+                return cand
+        except OSError:
+            return None
+    return None
+
+
+def _content(p: Path) -> dict[str, Any]:
+    if p.is_dir():
+        return {"path": str(p), "fingerprint": "files:" + folder_fingerprint(p), "method": "folder"}
+    rec = file_fingerprint(p, detail=True)
+    return {"path": str(p), **rec}
+
+
+def run_inputs(cfg) -> dict[str, dict[str, Any]]:
+    """Content fingerprints of every input a run config names, by dotted key.
+
+    * ``model``: :func:`model_fingerprint` of ``model.name``;
+    * every string value that names an existing file (relative to the working directory or the
+      rcd checkout) or folder: its content (``corpus.heldout.data_files``, ``task.path``, ...);
+    * files a corpus loader reads without naming them in the config (its ``input_files``, e.g.
+      the Shakespeare works): ``<corpus key>.input_files[i]``.
+    """
+    from hydra.utils import get_method
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    out: dict[str, dict[str, Any]] = {}
+    name = (d.get("model") or {}).get("name") if isinstance(d.get("model"), dict) else None
+    if name:
+        out["model"] = {"name": name, "fingerprint": model_fingerprint(str(name))}
+
+    def walk(node, key):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif key != "model.name":
+            p = _as_file(node)
+            if p is not None:
+                out[key] = _content(p)
+
+    walk({k: v for k, v in d.items() if k not in ("runs_root", "datastore_root")}, "")
+    for key in ("corpus.datastore", "corpus.heldout"):
+        node = OmegaConf.select(OmegaConf.create(d), key) if d.get("corpus") else None
+        if node is None or not node.get("_target_"):
+            continue
+        params = OmegaConf.to_container(node, resolve=True)
+        try:
+            files = getattr(get_method(params.pop("_target_")), "input_files", None)
+        except Exception:  # an unimportable loader is refused by start-up validation
+            files = None
+        if files is not None:
+            for i, p in enumerate(files(**params)):
+                out[f"{key}.input_files[{i}]"] = _content(Path(p))
+    return out
