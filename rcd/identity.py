@@ -72,7 +72,7 @@ def _hash_file(path: Path, size: int) -> tuple[str, str]:
             return h.hexdigest()[:16], "full"
         h.update(f"size={size}".encode())
         for i in range(BLOCKS):
-            f.seek((size - BLOCK) * i // (BLOCKS - 1))
+            f.seek(max(0, size - BLOCK) * i // (BLOCKS - 1))
             h.update(f.read(BLOCK))
     return h.hexdigest()[:16], "sampled"
 
