@@ -98,10 +98,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 def _build(cfg: DictConfig) -> dict[str, Any]:
     from rcd.datastore import registry
-    from rcd.datastore.shards import shard_corpus
+    from rcd.datastore.base import build_lock
     from rcd.paths import datastore_root
-    from rcd.strategy import call_target
-
     from rcd.validate import check_config
 
     node = cfg.get("datastore")
@@ -123,22 +121,10 @@ def _build(cfg: DictConfig) -> dict[str, Any]:
     corpus_ds = instantiate(cfg.corpus.datastore)
     corpus_name = str(cfg.corpus.name)
     root = datastore_root(cfg)
-    before = _existing(root)
-    t1 = time.perf_counter()
-    progress = bool(cfg.get("progress", True))
-    if merge:
-        params.pop("_target_")
-        store = registry.merge_function(unit)(lm, corpus_ds, corpus_name, root, progress=progress, **params)
-    elif unit == "tokens" and (params.get("shard") is not None or params.get("num_shards") is not None):
-        # the token unit's build_or_load knows nothing of shards: give it the shard's rows
-        sub, label = shard_corpus(corpus_ds, corpus_name, params.get("shard"), params.get("num_shards"))
-        node = node.copy()
-        with open_dict(node):
-            node.pop("shard", None)
-            node.pop("num_shards", None)
-        store = call_target(node, lm=lm, corpus_ds=sub, corpus_name=label, root=root, progress=progress)
-    else:
-        store = call_target(node, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=root, progress=progress)
+    with build_lock(root, unit, corpus_name):  # another build or run of this unit and corpus goes first
+        before = _existing(root)
+        t1 = time.perf_counter()
+        store = _build_store(cfg, node, params, unit, lm, corpus_ds, corpus_name, root, merge)
     seconds = time.perf_counter() - t1
     info = store.describe()
     verified = None
@@ -159,6 +145,26 @@ def _build(cfg: DictConfig) -> dict[str, Any]:
         "describe": info, "verified": verified,
     }
     return summary
+
+
+def _build_store(cfg, node, params: dict, unit: str, lm, corpus_ds, corpus_name: str, root: Path, merge: bool):
+    from rcd.datastore import registry
+    from rcd.datastore.shards import shard_corpus
+    from rcd.strategy import call_target
+
+    progress = bool(cfg.get("progress", True))
+    if merge:
+        params.pop("_target_")
+        return registry.merge_function(unit)(lm, corpus_ds, corpus_name, root, progress=progress, **params)
+    if unit == "tokens" and (params.get("shard") is not None or params.get("num_shards") is not None):
+        # the token unit's build_or_load knows nothing of shards: give it the shard's rows
+        sub, label = shard_corpus(corpus_ds, corpus_name, params.get("shard"), params.get("num_shards"))
+        node = node.copy()
+        with open_dict(node):
+            node.pop("shard", None)
+            node.pop("num_shards", None)
+        return call_target(node, lm=lm, corpus_ds=sub, corpus_name=label, root=root, progress=progress)
+    return call_target(node, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=root, progress=progress)
 
 
 def format_summary(s: dict[str, Any]) -> str:

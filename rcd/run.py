@@ -102,13 +102,8 @@ def execute(cfg: DictConfig) -> dict:
     with the same identity is returned as is) → corpora and the leak check → the model and its
     context checks → datastore and strategy → the task → results.json (atomic, valid JSON).
     """
-    from rcd import strategy as strategy_mod
-    from rcd.identity import code_version, run_inputs
-    from rcd.leakage import check_disjoint
-    from rcd.models import load_model
-    from rcd.validate import check_config, check_with_model
-
-    import torch
+    from rcd.identity import run_inputs
+    from rcd.validate import check_config
 
     check_config(cfg)  # every check that needs no model and no datastore
     inputs = run_inputs(cfg)
@@ -119,7 +114,27 @@ def execute(cfg: DictConfig) -> dict:
         return json.loads(done.read_text())
     check_writable(folder.parent, "the runs folder", "set runs_root=<a writable folder> (or RCD_RUNS)")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    from rcd.datastore.base import file_lock
+
+    # the run folder is claimed: an identical run started meanwhile waits, then reads these results
+    with file_lock(folder / ".claim", f"computing the same run ({folder.name}) to finish"):
+        if done.exists() and not cfg.force:
+            print(f"[rcd] {folder} already holds results (computed by another process)")
+            return json.loads(done.read_text())
+        return _compute(cfg, folder, inputs)
+
+
+def _compute(cfg: DictConfig, folder: Path, inputs: dict) -> dict:
+    from rcd import strategy as strategy_mod
+    from rcd.identity import code_version
+    from rcd.leakage import check_disjoint
+    from rcd.models import load_model
+    from rcd.validate import check_with_model
+
+    import torch
+
+    done = folder / "results.json"
+    _write_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     check_heldout = bool(cfg.task.get("check_heldout", True))  # false for tasks with their own data (QA)

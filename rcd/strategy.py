@@ -120,8 +120,13 @@ def build(cfg: DictConfig, lm, corpus_ds=None, corpus_name: str = "corpus", data
     if control_cfg is None:
         return Strategy(name=name)
     ds_cfg = cfg.datastore
-    datastore = call_target(ds_cfg, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=datastore_root,
-                            progress=bool(cfg.get("progress", True)))
+    from rcd.datastore.base import build_lock
+    from rcd.paths import cache_dir
+
+    root = datastore_root if datastore_root is not None else cache_dir("datastores")
+    with build_lock(root, str(ds_cfg.get("unit")), corpus_name):  # parallel runs build a datastore once
+        datastore = call_target(ds_cfg, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=root,
+                                progress=bool(cfg.get("progress", True)))
     control = instantiate(control_cfg)
     schedule_cfg = _section(cfg, "strategy.schedule")
     schedule = instantiate(schedule_cfg) if schedule_cfg is not None else None

@@ -86,3 +86,22 @@ def test_killed_build_and_killed_run_rerun_to_the_same_numbers(tmp_path):
     ref = _results(tmp_path / "runs-c")
     assert again["metrics"]["perplexity"] == ref["metrics"]["perplexity"]
     assert again["datastore"]["folder"] == first["datastore"]["folder"]
+
+
+def test_parallel_runs_build_a_datastore_once_and_an_identical_run_once(tmp_path):
+    args = _setup(tmp_path) + ["datastore.max_tokens=20000", "datastore.batch_size=8"]
+    env = {**os.environ, "RCD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    runs = tmp_path / "runs"
+    variants = [[], [], ["strategy.control.k=16"]]  # two identical runs and one that shares their datastore
+    procs = [subprocess.Popen([sys.executable, "-m", "rcd.run"] + args + v + [f"runs_root={runs}"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in variants]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outs]
+    stdout = "".join(o[0] for o in outs)
+    assert "[rcd] waiting for another process" in stdout
+    assert stdout.count("already holds results") == 1  # the identical run was computed once
+    built = [p for p in (tmp_path / "ds").glob("tokens-*") if (p / "manifest.json").exists()]
+    assert len(built) == 1 and not list((tmp_path / "ds").glob(".building-*"))  # built once
+    results = [json.loads(p.read_text()) for p in runs.glob("*/results.json")]
+    assert len(results) == 2 and {r["datastore"]["folder"] for r in results} == {str(built[0])}
+    assert not list(runs.glob("*/*.tmp-*"))

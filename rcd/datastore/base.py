@@ -75,6 +75,37 @@ def clean_stale_builds(root: Path) -> None:
 
 
 @contextmanager
+def file_lock(path: Path, what: str = "") -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the block (released by the kernel if the process dies).
+    Says so when it has to wait for another process."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[rcd] waiting for another process {what or 'holding ' + str(path)}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_lock(root: Path, unit: str, corpus: str):
+    """The lock two processes take before building or loading a ``unit`` datastore of ``corpus`` under
+    ``root``: the second waits for the first's build and then finds (loads) its folder."""
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatastoreError(f"cannot use datastore folder {root} ({e.strerror}): set datastore_root=<a writable "
+                             "folder> (or RCD_CACHE)") from None
+    return file_lock(Path(root) / f".lock-{slug(unit)}-{slug(corpus)}",
+                     f"to finish the {unit} datastore of {corpus!r} in {root}")
+
+
+@contextmanager
 def atomic_folder(final: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success rename it to ``final``, on error delete it."""
     try:
