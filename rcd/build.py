@@ -183,7 +183,7 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(f"[rcd.build] {k.ljust(w)}  {v}" for k, v in rows)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="build")
+@hydra.main(version_base=None, config_path="conf", config_name="build")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     from hydra.errors import InstantiationException
@@ -207,6 +207,11 @@ def _flags(argv: list[str]) -> list[str]:
     return ["verify=true" if a == "--verify" else a for a in argv]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``rcd-build`` (console script) = ``python -m rcd.build``."""
     sys.argv = [sys.argv[0]] + _flags(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -53,7 +53,7 @@ import numpy as np
 from rcd.metrics import bootstrap_ci
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = Path(__file__).resolve().parent / "conf"
 SCALES = ("small", "full")
 MISSING = "–"
 N_RESAMPLES = 1000

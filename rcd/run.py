@@ -208,7 +208,7 @@ def report_error(e: BaseException, prefix: str = "[rcd] error:") -> None:
     print(f"{prefix} {msg}", file=sys.stderr)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from hydra.errors import InstantiationException
 
@@ -225,6 +225,11 @@ def _plain_strategy_alias(argv: list[str]) -> list[str]:
     return ["+" + a if a.startswith("strategy=") else a for a in argv]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``rcd-run`` (console script) = ``python -m rcd.run``."""
     sys.argv = [sys.argv[0]] + _plain_strategy_alias(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

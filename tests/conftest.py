@@ -40,6 +40,25 @@ def as_loaded(model, tok, name="tiny"):
     return LoadedModel(model=model, tokenizer=tok, name=name, source=f"{name}-test")
 
 
+def tiny_run_files(tmp_path) -> dict:
+    """A tiny model saved as a folder, a two-row corpus and a one-row held-out jsonl, with the rcd.run
+    overrides that use them (``lm``: LM task, small windows; no runs_root)."""
+    import json
+
+    model, tok = tiny_llama()
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:2]))
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": TEXTS[2]}) + "\n")
+    lm = [f"model.name={folder}", "corpus=files", f"corpus.datastore.data_files={corpus}",
+          f"corpus.heldout.data_files={held}", "task.eval_tokens=60", "task.max_new_tokens=4",
+          "task.window=32", "task.stride=16", f"datastore_root={tmp_path / 'ds'}", "progress=false"]
+    return {"model": folder, "corpus": corpus, "held": held, "lm": lm}
+
+
 @pytest.fixture
 def tiny_lm():
     model, tok = tiny_llama()

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import TEXTS, tiny_llama
+from conftest import TEXTS, tiny_llama, tiny_run_files
 from rcd.errors import RcdError
 from rcd.run import config_hash, execute, finite_json, run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+CONF = str(ROOT / "rcd" / "conf")
 
 
 def cfg_for(overrides):
@@ -27,14 +27,8 @@ def cfg_for(overrides):
 
 @pytest.fixture
 def setup(tmp_path):
-    model, tok = tiny_llama()
-    folder = tmp_path / "tiny-model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:2]))
-    held = tmp_path / "held.jsonl"
-    held.write_text(json.dumps({"text": TEXTS[2]}) + "\n")
+    files = tiny_run_files(tmp_path)
+    folder, corpus, held = files["model"], files["corpus"], files["held"]
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(r) + "\n" for r in [
         {"id": "1", "question": "Who is Hamlet?", "answers": ["a prince"]},
@@ -42,8 +36,7 @@ def setup(tmp_path):
     ]))
     common = [f"model.name={folder}", f"datastore_root={tmp_path / 'ds'}", f"runs_root={tmp_path / 'runs'}",
               "progress=false"]
-    lm = common + ["corpus=files", f"corpus.datastore.data_files={corpus}", f"corpus.heldout.data_files={held}",
-                   "task.eval_tokens=60", "task.max_new_tokens=4", "task.window=32", "task.stride=16"]
+    lm = files["lm"] + [f"runs_root={tmp_path / 'runs'}"]
     qa_args = common + ["task=qa", "corpus=files", f"corpus.datastore.data_files={corpus}",
                         f"corpus.heldout.data_files={held}", f"task.path={qa}", "task.gold_field=null",
                         "task.filter=null", "task.n=null", "task.max_new_tokens=3", "task.answer_regex=null"]
@@ -143,7 +136,7 @@ def test_unwritable_runs_and_datastore_folders_are_refused_with_the_fix(setup):
     blocker.write_text("x")
     with pytest.raises(RcdError, match=r"runs folder .*a-file.* is not writable .*set runs_root="):
         execute(cfg_for(["+strategy=none"] + setup["lm"] + [f"runs_root={blocker}/runs"]))
-    with pytest.raises(RcdError, match=r"cannot build datastore .* set datastore_root="):
+    with pytest.raises(RcdError, match=r"cannot use datastore folder .*a-file.* set datastore_root="):
         execute(cfg_for(["+strategy=per_token"] + setup["lm"] + [f"datastore_root={blocker}/ds"]))
 
 

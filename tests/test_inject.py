@@ -163,7 +163,7 @@ def test_latent_memories_default_to_l2():
     from rcd.datastore import latent
 
     assert inspect.signature(latent.build_or_load).parameters["memory_metric"].default == "l2"
-    assert OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "datastore" / "latent.yaml").memory_metric == "l2"
+    assert OmegaConf.load(Path(__file__).resolve().parents[1] / "rcd" / "conf" / "datastore" / "latent.yaml").memory_metric == "l2"
 
 
 def test_knn_attention_in_the_engine(tiny_lm):

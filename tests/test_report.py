@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEXTS, tiny_llama
+from conftest import tiny_run_files
 from rcd import report
 from rcd.metrics import bootstrap_ci
 
@@ -255,17 +255,7 @@ def test_knn_grid_nll_matches_the_knn_control():
 
 @pytest.fixture
 def tiny_overrides(tmp_path):
-    model, tok = tiny_llama()
-    folder = tmp_path / "tiny-model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:2]))
-    held = tmp_path / "held.jsonl"
-    held.write_text(json.dumps({"text": TEXTS[2]}) + "\n")
-    return [f"model.name={folder}", "corpus=files", f"corpus.datastore.data_files={corpus}",
-            f"corpus.heldout.data_files={held}", "task.eval_tokens=60", "task.max_new_tokens=4",
-            "task.window=32", "task.stride=16", f"datastore_root={tmp_path / 'ds'}", "progress=false"]
+    return tiny_run_files(tmp_path)["lm"]
 
 
 def test_knn_grid_task_reproduces_the_runs_own_perplexity(tiny_overrides, tmp_path):

@@ -6,12 +6,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import TEXTS, tiny_llama
+from conftest import TEXTS, tiny_run_files
 from rcd import strategy as strategy_mod
 from rcd.corpus import CorpusError
 from rcd.run import config_hash, execute
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "rcd" / "conf")
 
 
 def cfg_for(overrides):
@@ -66,18 +66,7 @@ def test_unknown_model_name_lists_embedded():
 
 @pytest.fixture
 def tiny_setup(tmp_path):
-    model, tok = tiny_llama()
-    folder = tmp_path / "tiny-model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:2]))
-    held = tmp_path / "held.jsonl"
-    held.write_text(json.dumps({"text": TEXTS[2]}) + "\n")
-    return [f"model.name={folder}", "corpus=files", f"corpus.datastore.data_files={corpus}",
-            f"corpus.heldout.data_files={held}", "task.eval_tokens=60", "task.max_new_tokens=4",
-            "task.window=32", "task.stride=16", f"datastore_root={tmp_path / 'ds'}", f"runs_root={tmp_path / 'runs'}",
-            "progress=false"]
+    return tiny_run_files(tmp_path)["lm"] + [f"runs_root={tmp_path / 'runs'}"]
 
 
 def test_end_to_end_tiny_run_and_skip_when_finished(tiny_setup, tmp_path):
