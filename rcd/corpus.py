@@ -93,16 +93,21 @@ def local_files(data_files) -> list[Path]:
     return out
 
 
-def check_json_lines(path: Path, required: Sequence[str] = (), what: str = "file") -> int:
-    """Refuse a JSON-lines file that is empty, not UTF-8, has an invalid line, or lacks a required
-    non-empty field in some row; returns the number of rows. (A whole-file JSON array also passes.)"""
-    raw = path.read_bytes()
+def read_utf8(path: Path, what: str = "file") -> str:
+    """The text of ``path``; a file that is not UTF-8 is refused with the line and byte at fault."""
+    raw = Path(path).read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise CorpusError(f"{what} {path}: line {line} (byte {e.start}) is not UTF-8 ({e.reason}); "
                           "re-encode the file as UTF-8") from None
+
+
+def check_json_lines(path: Path, required: Sequence[str] = (), what: str = "file") -> int:
+    """Refuse a JSON-lines file that is empty, not UTF-8, has an invalid line, or lacks a required
+    non-empty field in some row; returns the number of rows. (A whole-file JSON array also passes.)"""
+    text = read_utf8(path, what)
     lines = text.splitlines()
     rows = 0
     for no, line in enumerate(lines, 1):
@@ -154,7 +159,12 @@ def check_node(node, key: str) -> None:
         return
     if not target.endswith(".hf_dataset"):
         return
-    path, data_files = params.get("path"), params.get("data_files")
+    check_files(params.get("path"), params.get("data_files"), params.get("text_field") or "text", key)
+
+
+def check_files(path, data_files, text_field: str, key: str, parse: bool = True) -> None:
+    """The local files of a ``datasets`` corpus exist (``parse``: and are non-empty UTF-8, with valid
+    JSON lines holding ``text_field`` in every row for ``path=json``)."""
     if path in ("json", "text", "parquet", "csv") and data_files in (None, "???"):
         raise CorpusError(f"{key}.data_files: corpus path={path!r} needs data_files=<file or list of files>")
     files = local_files(data_files)
@@ -163,17 +173,12 @@ def check_node(node, key: str) -> None:
     for f in files:
         if not f.is_file():
             raise CorpusError(f"{key}.data_files: corpus file {str(f)!r} does not exist")
+        if not parse:
+            continue
         if path == "json":
-            check_json_lines(f, [params.get("text_field") or "text"], what="corpus file")
-        elif path == "text":
-            raw = f.read_bytes()
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = raw[:e.start].count(b"\n") + 1
-                raise CorpusError(f"corpus file {f}: line {line} (byte {e.start}) is not UTF-8; re-encode it") from None
-            if not raw.strip():
-                raise CorpusError(f"corpus file {f} is empty")
+            check_json_lines(f, [text_field], what="corpus file")
+        elif path == "text" and not read_utf8(f, "corpus file").strip():
+            raise CorpusError(f"corpus file {f} is empty")
 
 
 def hf_dataset(path: str, name: Optional[str] = None, split: str = "train", data_files=None,
@@ -182,11 +187,7 @@ def hf_dataset(path: str, name: Optional[str] = None, split: str = "train", data
     """Load with ``datasets.load_dataset`` and map ``text_field`` to ``text``."""
     if data_files is not None and not isinstance(data_files, (str, dict)):
         data_files = list(data_files)
-    if path in ("json", "text", "parquet", "csv") and data_files is None:
-        raise CorpusError(f"corpus path={path!r} needs data_files=<file or list of files>")
-    for f in ([data_files] if isinstance(data_files, str) else (data_files or [])):
-        if isinstance(f, str) and "://" not in f and not any(c in f for c in "*?") and not Path(f).exists():
-            raise CorpusError(f"corpus file {f!r} does not exist")
+    check_files(path, data_files, text_field, "corpus", parse=False)
     try:
         ds = datasets.load_dataset(path, name, split=split, data_files=data_files)
     except Exception as e:  # datasets raises many types; the message is what the user needs

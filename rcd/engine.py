@@ -161,8 +161,7 @@ class Engine:
                  query: str = "auto", query_tokens: int = 32, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, seed: int = 0, batch_size: int = 8, tag_format: str = " {tag}",
                  provenance: Optional[list] = None, task: str = "generate", stop_at_eos: bool = True,
-                 trace: Optional[list] = None, min_query_tokens: int = 16, long_prompt: str = "drop_passages",
-                 context_length: Optional[int] = None) -> None:
+                 trace: Optional[list] = None, min_query_tokens: int = 16, long_prompt: str = "drop_passages") -> None:
         if query not in QUERY_MODES:
             raise EngineError(f"retrieval query mode {query!r} is not one of {QUERY_MODES}")
         if int(k) < 1 or int(query_tokens) < 1 or int(max_new_tokens) < 1 or int(batch_size) < 1:
@@ -207,7 +206,7 @@ class Engine:
         if long_prompt not in LONG_PROMPT:
             raise EngineError(f"task.long_prompt={long_prompt!r} is not one of {LONG_PROMPT}")
         self.long_prompt = long_prompt
-        ctx = context_length if context_length is not None else lm.context_length
+        ctx = lm.context_length
         #: most prompt tokens a row may have: its generation must fit the context too (an injected KV
         #: prefix is bounded on its own, by the control's ``max_prefix_tokens``)
         self.prompt_limit = None if ctx is None else ctx - self.max_new_tokens

@@ -63,18 +63,29 @@ def _save_cache(cache: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _hash_file(path: Path, size: int) -> tuple[str, str]:
+def sha1_file(path) -> str:
+    """SHA-1 of every byte of a file."""
     h = hashlib.sha1()
     with open(path, "rb") as f:
-        if size <= full_hash_limit():
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-            return h.hexdigest()[:16], "full"
-        h.update(f"size={size}".encode())
-        for i in range(BLOCKS):
-            f.seek(max(0, size - BLOCK) * i // (BLOCKS - 1))
-            h.update(f.read(BLOCK))
-    return h.hexdigest()[:16], "sampled"
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha1_sampled(path, size: int, block: int, blocks: int) -> str:
+    """SHA-1 of the size and ``blocks`` blocks of ``block`` bytes at evenly spaced offsets (first and last included)."""
+    h = hashlib.sha1(f"size={size}".encode())
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(max(0, size - block) * i // (blocks - 1))
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
+def _hash_file(path: Path, size: int) -> tuple[str, str]:
+    if size <= full_hash_limit():
+        return sha1_file(path)[:16], "full"
+    return sha1_sampled(path, size, BLOCK, BLOCKS)[:16], "sampled"
 
 
 def file_fingerprint(path, detail: bool = False):
@@ -188,47 +199,56 @@ def _content(p: Path) -> dict[str, Any]:
     return {"path": str(p), **rec}
 
 
-def run_inputs(cfg) -> dict[str, dict[str, Any]]:
-    """Content fingerprints of every input a run config names, by dotted key.
+def run_identity(cfg) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``(hashed, inputs)`` of a run config (a DictConfig or a plain dict).
 
-    * ``model``: :func:`model_fingerprint` of ``model.name``;
-    * every string value that names an existing file (relative to the working directory or the
-      rcd checkout) or folder: its content (``corpus.heldout.data_files``, ``task.path``, ...);
-    * files a corpus loader reads without naming them in the config (its ``input_files``, e.g.
-      the Shakespeare works): ``<corpus key>.input_files[i]``.
+    ``inputs``: content fingerprints of every input the config names, by dotted key —
+    ``model`` (:func:`model_fingerprint` of ``model.name``); every string value that names an
+    existing file (relative to the working directory or the rcd checkout) or folder
+    (``corpus.heldout.data_files``, ``task.path``, ...); files a corpus loader reads without naming
+    them (its ``input_files``, e.g. the Shakespeare works): ``<corpus key>.input_files[i]``.
+
+    ``hashed``: the config with each of those values replaced by ``content:<fingerprint>`` (a model
+    folder too), plus ``_inputs`` for the model and loader files: what a run's hash covers.
     """
     from hydra.utils import get_method
     from omegaconf import OmegaConf
 
     d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
-    out: dict[str, dict[str, Any]] = {}
-    name = (d.get("model") or {}).get("name") if isinstance(d.get("model"), dict) else None
-    if name:
-        out["model"] = {"name": name, "fingerprint": model_fingerprint(str(name))}
+    inputs: dict[str, dict[str, Any]] = {}
+    extra: dict[str, str] = {}
+    model = d.get("model") if isinstance(d.get("model"), dict) else {}
+    if model.get("name"):
+        fp = model_fingerprint(str(model["name"]))
+        inputs["model"] = {"name": model["name"], "fingerprint": fp}
+        extra["model"] = fp
 
     def walk(node, key):
         if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                walk(v, f"{key}[{i}]")
-        elif key != "model.name":
-            p = _as_file(node)
-            if p is not None:
-                out[key] = _content(p)
+            return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(v, f"{key}[{i}]") for i, v in enumerate(node)]
+        if key == "model.name":
+            p = Path(str(node)).expanduser()
+            return f"content:{extra['model']}" if "model" in extra and p.is_dir() else node
+        p = _as_file(node)
+        if p is None:
+            return node
+        inputs[key] = _content(p)
+        return "content:" + inputs[key]["fingerprint"]
 
-    walk({k: v for k, v in d.items() if k not in ("runs_root", "datastore_root")}, "")
+    hashed = walk({k: v for k, v in d.items() if k not in ("runs_root", "datastore_root")}, "")
     for key in ("corpus.datastore", "corpus.heldout"):
-        node = OmegaConf.select(OmegaConf.create(d), key) if d.get("corpus") else None
-        if node is None or not node.get("_target_"):
+        node = (d.get("corpus") or {}).get(key.split(".")[1]) if isinstance(d.get("corpus"), dict) else None
+        if not isinstance(node, dict) or not node.get("_target_"):
             continue
-        params = OmegaConf.to_container(node, resolve=True)
+        params = dict(node)
         try:
             files = getattr(get_method(params.pop("_target_")), "input_files", None)
         except Exception:  # an unimportable loader is refused by start-up validation
             files = None
-        if files is not None:
-            for i, p in enumerate(files(**params)):
-                out[f"{key}.input_files[{i}]"] = _content(Path(p))
-    return out
+        for i, p in enumerate(files(**params) if files is not None else []):
+            inputs[f"{key}.input_files[{i}]"] = _content(Path(p))
+            extra[f"{key}.input_files[{i}]"] = inputs[f"{key}.input_files[{i}]"]["fingerprint"]
+    hashed["_inputs"] = dict(sorted(extra.items()))
+    return hashed, inputs

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,38 +29,19 @@ log = logging.getLogger("rcd.run")
 _NOT_HASHED = ("force", "progress", "runs_root", "datastore_root")
 
 
-def hashed_config(cfg, inputs: Optional[dict] = None) -> dict:
-    """What a run's hash covers: the resolved config without :data:`_NOT_HASHED`, every value that
-    names a file replaced by that file's content fingerprint, and the fingerprints of inputs named
-    elsewhere (the model's weights, files a corpus loader reads); see :func:`rcd.identity.run_inputs`."""
-    from rcd.identity import run_inputs
+def config_hash(cfg, identity: Optional[tuple] = None) -> str:
+    """Hash of what a run computes: :func:`rcd.identity.run_identity` of the config (file values by
+    content, model weights by content) without :data:`_NOT_HASHED`."""
+    from rcd.identity import run_identity
 
-    d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else json.loads(json.dumps(cfg))
-    for k in _NOT_HASHED:
-        d.pop(k, None)
-    inputs = run_inputs(d) if inputs is None else inputs
-    for key, rec in inputs.items():
-        node, parts = d, re.findall(r"[^.\[\]]+", key)
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.get(part, {}) if isinstance(node, dict) else {}
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = "content:" + rec["fingerprint"]
-        elif isinstance(node, dict) and last in node and key != "model":
-            node[last] = "content:" + rec["fingerprint"]
-    if "model" in inputs and Path(str(inputs["model"]["name"])).expanduser().is_dir():
-        d["model"]["name"] = "content:" + inputs["model"]["fingerprint"]  # a folder: its content, not its path
-    d["_inputs"] = {k: v["fingerprint"] for k, v in sorted(inputs.items()) if k == "model" or ".input_files[" in k}
-    return d
+    hashed, _ = identity if identity is not None else run_identity(cfg)
+    hashed = {k: v for k, v in hashed.items() if k not in _NOT_HASHED}
+    return hashlib.sha1(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def config_hash(cfg, inputs: Optional[dict] = None) -> str:
-    return hashlib.sha1(json.dumps(hashed_config(cfg, inputs), sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def run_folder(cfg: DictConfig, inputs: Optional[dict] = None) -> Path:
+def run_folder(cfg: DictConfig, identity: Optional[tuple] = None) -> Path:
     root = Path(cfg.runs_root) if cfg.get("runs_root") else runs_dir()
-    return root / f"{cfg.strategy.name}-{cfg.task.name}-{config_hash(cfg, inputs)}"
+    return root / f"{cfg.strategy.name}-{cfg.task.name}-{config_hash(cfg, identity)}"
 
 
 def finite_json(obj: Any, path: str = "", bad: Optional[list] = None) -> Any:
@@ -102,12 +82,13 @@ def execute(cfg: DictConfig) -> dict:
     with the same identity is returned as is) → corpora and the leak check → the model and its
     context checks → datastore and strategy → the task → results.json (atomic, valid JSON).
     """
-    from rcd.identity import run_inputs
+    from rcd.identity import run_identity
     from rcd.validate import check_config
 
     check_config(cfg)  # every check that needs no model and no datastore
-    inputs = run_inputs(cfg)
-    folder = run_folder(cfg, inputs)
+    identity = run_identity(cfg)
+    inputs = identity[1]
+    folder = run_folder(cfg, identity)
     done = folder / "results.json"
     if done.exists() and not cfg.force:
         print(f"[rcd] {folder} already holds results (force=true to rerun)")

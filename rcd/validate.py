@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from rcd.errors import ConfigError, RcdError
+from rcd.errors import ConfigError
 
 
 def _int(v) -> bool:
@@ -180,7 +180,7 @@ def check_config(cfg: DictConfig, *, task: bool = True) -> None:
     """All start-up checks (module doc); raises an :class:`RcdError` naming the key, file or row."""
     from rcd.corpus import check_node
 
-    if OmegaConf.select(cfg, "strategy") is not None or task:
+    if task:
         check_strategy(cfg)
     check_datastore(OmegaConf.select(cfg, "datastore"))
     leak = OmegaConf.select(cfg, "leak_check")
@@ -211,5 +211,3 @@ def check_with_model(cfg: DictConfig, lm) -> None:
             check(cfg, lm)
 
 
-__all__ = ["check_config", "check_with_model", "check_datastore", "positive_int", "number", "one_of",
-           "ConfigError", "RcdError"]

@@ -137,21 +137,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def sampled_sha1(path: Path, size: Optional[int] = None) -> str:
     """SHA-1 of the size and ``SAMPLE_BLOCKS`` blocks at evenly spaced offsets (first and last included)."""
-    size = Path(path).stat().st_size if size is None else size
-    h = hashlib.sha1(f"size={size}".encode())
-    with open(path, "rb") as f:
-        for i in range(SAMPLE_BLOCKS):
-            f.seek(max(0, size - SAMPLE_BLOCK) * i // (SAMPLE_BLOCKS - 1))
-            h.update(f.read(SAMPLE_BLOCK))
-    return h.hexdigest()
+    from rcd.identity import sha1_sampled
 
-
-def full_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha1_sampled(path, Path(path).stat().st_size if size is None else size, SAMPLE_BLOCK, SAMPLE_BLOCKS)
 
 
 def _data_files(folder: Path) -> list[Path]:
@@ -162,16 +150,20 @@ def _data_files(folder: Path) -> list[Path]:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` with the checksums of every data file in ``folder`` (see module doc)."""
+    from rcd.identity import sha1_file
+
     sums = {}
     for p in _data_files(folder):
         size = p.stat().st_size
-        sums[p.relative_to(folder).as_posix()] = {"bytes": size, "sha1": full_sha1(p), "sampled": sampled_sha1(p, size)}
+        sums[p.relative_to(folder).as_posix()] = {"bytes": size, "sha1": sha1_file(p), "sampled": sampled_sha1(p, size)}
     write_json_atomic(folder / "manifest.json", {**manifest, "checksums": sums})
 
 
 def verify_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> int:
     """Check the folder's files against the manifest's checksums; returns the bytes read. Refuses any
     missing, extra-sized or changed file (``full``: every byte; else sizes and sampled blocks)."""
+    from rcd.identity import sha1_file
+
     folder = Path(folder)
     sums = manifest.get("checksums")
     if not isinstance(sums, dict):
@@ -186,7 +178,7 @@ def verify_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> 
         if size != want["bytes"]:
             raise DatastoreError(f"{p} has {size:,} bytes, the manifest says {want['bytes']:,}: corrupt datastore; "
                                  f"delete {folder} and rebuild")
-        got = full_sha1(p) if full else sampled_sha1(p, size)
+        got = sha1_file(p) if full else sampled_sha1(p, size)
         read += size if full else min(size, SAMPLE_BLOCK * SAMPLE_BLOCKS)
         if got != want["sha1" if full else "sampled"]:
             raise DatastoreError(f"{p} does not match its checksum in the manifest (changed after the build): "
