@@ -452,6 +452,37 @@ def datastore_build_seconds(res: dict) -> Optional[float]:
     return json.loads((Path(folder) / "manifest.json").read_text()).get("build_seconds")
 
 
+#: result keys measured in time, not computed from the data: they differ between two runs of one config
+_TIMING_WORDS = ("second", "time", "ttft", "wall", "tokens_per_s", "throughput")
+
+
+def computed_values(res: dict) -> dict[str, Any]:
+    """Every value a run *computed* (metrics, samples, per-example scores, the datastore's size), flattened
+    to ``"a.b[i]": value``, without what is measured in time (``*_s``, tokens/s, time to first token) or
+    names the machine (folders, argv). Two runs of one config on any launcher must agree on all of it."""
+    out: dict[str, Any] = {}
+
+    def walk(x: Any, path: str) -> None:
+        leaf = path.rsplit(".", 1)[-1].split("[", 1)[0]
+        if leaf.endswith("_s") or leaf.endswith("_ms") or any(w in leaf for w in _TIMING_WORDS):
+            return
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+        else:
+            out[path] = x
+
+    for key in ("metrics", "samples", "per_example", "predictions", "leak_check"):
+        if key in res:
+            walk(res[key], key)
+    if isinstance(res.get("datastore"), dict) and "size" in res["datastore"]:
+        out["datastore.size"] = res["datastore"]["size"]
+    return out
+
+
 def quality(res: dict) -> Optional[Estimate]:
     """The task's headline quality: exact match (QA) or perplexity (lm)."""
     return exact_match(res) if is_qa(res) else lm_perplexity(res)

@@ -26,7 +26,7 @@ from rcd.paths import datastore_root, runs_dir
 log = logging.getLogger("rcd.run")
 
 #: keys that do not change what a run computes
-_NOT_HASHED = ("force", "progress", "runs_root", "datastore_root")
+_NOT_HASHED = ("force", "progress", "runs_root", "datastore_root", "threads")
 
 
 def config_hash(cfg, identity: Optional[tuple] = None) -> str:
@@ -117,7 +117,7 @@ def _compute(cfg: DictConfig, folder: Path, inputs: dict) -> dict:
     done = folder / "results.json"
     _write_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     check_heldout = bool(cfg.task.get("check_heldout", True))  # false for tasks with their own data (QA)
     heldout = instantiate(cfg.corpus.heldout) if check_heldout else None
     corpus_ds = None
@@ -151,7 +151,8 @@ def _compute(cfg: DictConfig, folder: Path, inputs: dict) -> dict:
         "leak_check": leak,
         "datastore": ds_info,
         "timing": {"data_load_s": t_data, "model_load_s": t_model, "datastore_s": t_store,
-                   "total_s": time.perf_counter() - t0},
+                   "total_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                   "threads": torch.get_num_threads()},
     })
     bad: list[str] = []
     res = finite_json(res, bad=bad)
@@ -189,16 +190,49 @@ def report_error(e: BaseException, prefix: str = "[rcd] error:") -> None:
     print(f"{prefix} {msg}", file=sys.stderr)
 
 
+def set_threads(n: Optional[int]) -> None:
+    """``threads=N``: torch (intra-op) and FAISS (OpenMP) threads of this run; null keeps their defaults.
+    The knob for launchers whose jobs share a machine (``hydra/launcher=rcd_processes``: N jobs x 1 thread)."""
+    if n is None:
+        return
+    n = int(n)
+    if n < 1:
+        raise RcdError(f"threads={n}: must be >= 1 (or null for torch's default)")
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # for processes this run starts
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> Optional[dict]:
     from hydra.errors import InstantiationException
 
     logging.basicConfig(level=logging.INFO)
     try:
-        execute(cfg)
+        set_threads(cfg.get("threads"))
+        res = execute(cfg)
     except (RcdError, ValueError, RuntimeError, OSError, InstantiationException) as e:
         report_error(e)
+        if _in_multirun():  # the launcher records the job as failed and the sweep goes on
+            raise RcdError(str(e)) from e
         sys.exit(EXIT_CODE)
+    if _in_multirun():  # what a launcher hands back to the sweeper (pickled across processes)
+        return {"folder": res.get("run", {}).get("folder"), "hash": res.get("run", {}).get("hash")}
+    return None
 
 
 def _plain_strategy_alias(argv: list[str]) -> list[str]:

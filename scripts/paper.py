@@ -1,8 +1,9 @@
 """Regenerate the paper from run folders: ``python scripts/paper.py <command> [--scale small|full]``.
 
 Commands (one or more, e.g. ``tables figures paper``)
-  run      run every experiment in ``experiments/*.yaml`` (one ``python -m rcd.run --multirun`` per row
-           or series; finished runs are reused, so an interrupted regeneration resumes)
+  run      run every pending point of ``experiments/*.yaml`` as one Hydra multirun (``python -m rcd.run
+           --multirun hydra/sweeper=rcd_list``) through the launcher of ``--launcher`` (basic, processes,
+           submitit_local, slurm); finished runs are reused, so an interrupted regeneration resumes
   tables   aggregate run folders into ``paper/tables/<experiment>.md`` and ``.tex`` (+ ``values.json``)
   figures  plot ``paper/figures/<experiment>.png`` and ``.pdf``
   paper    render ``paper/paper.src.md`` into ``paper/paper.md`` (tables included, ``{{values}}`` filled)
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -55,10 +55,42 @@ def root_of(spec: dict, runs: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ run
+#: --launcher names -> Hydra launcher configs (rcd/conf/hydra/launcher/), and the override that bounds
+#: how many runs go at once (--jobs). Any other name is passed to hydra/launcher= as is.
+LAUNCHERS = {
+    "basic": ("basic", None),  # Hydra's own: one run after another, in the sweep's process
+    "processes": ("rcd_processes", "hydra.launcher.n_jobs={jobs}"),  # joblib/loky worker processes
+    "submitit_local": ("rcd_submitit_local", "hydra.sweeper.max_batch_size={jobs}"),  # submitit subprocesses
+    "slurm": ("rcd_slurm", "hydra.launcher.array_parallelism={jobs}"),  # SLURM array jobs via submitit
+}
+
+
+def default_launcher(jobs: int) -> str:
+    """``processes`` when runs go at once and the joblib launcher is installed (``rcd[cluster]``), else ``basic``."""
+    if jobs <= 1:
+        return "basic"
+    try:
+        import hydra_plugins.hydra_joblib_launcher  # noqa: F401
+    except ImportError:
+        print("[paper] hydra-joblib-launcher is not installed (pip install rcd[cluster]): runs go one at a time",
+              flush=True)
+        return "basic"
+    return "processes"
+
+
+def launcher_overrides(name: str, jobs: int) -> list[str]:
+    cfg_name, bound = LAUNCHERS.get(name, (name, None))
+    return [f"hydra/launcher={cfg_name}"] + ([bound.format(jobs=jobs)] if bound and jobs > 1 else [])
+
+
 def run_experiments(args) -> dict:
-    """Run every pending point; returns the regeneration record (also written to paper/tables)."""
+    """Run every pending point as one Hydra multirun (rcd's list sweeper over the plan, the launcher chosen
+    with --launcher); returns the regeneration record (also written to paper/tables)."""
     t_all = time.perf_counter()
-    record = {"scale": args.scale, "threads": args.threads, "machine": machine(), "experiments": []}
+    jobs = max(1, int(args.jobs or 1))
+    launcher = args.launcher or default_launcher(jobs)
+    record = {"scale": args.scale, "threads": args.threads, "machine": machine(), "experiments": [],
+              "jobs": jobs, "launcher": launcher}
     loads: list[float] = []
     stop = threading.Event()
 
@@ -69,10 +101,8 @@ def run_experiments(args) -> dict:
 
     sampler = threading.Thread(target=sample_load, daemon=True)
     sampler.start()
-    # one task per row/series (group) with pending points; with --jobs N, N tasks run at once (each
-    # run is single-threaded at small scale, so N = cores keeps the machine busy). Datastores are
-    # built in atomic folders, so two runs that need the same one cannot corrupt it.
-    tasks, recs = [], []
+    plan = []  # (record of its experiment, resolved point, overrides of its job)
+    recs = []
     for spec in specs(args.only):
         if not runnable(spec):
             continue
@@ -94,50 +124,46 @@ def run_experiments(args) -> dict:
             if not pending:
                 print(f"[paper] {tag}: {len(resolved)} finished run(s) reused", flush=True)
                 continue
-            tasks.append((rec, root, entry, tag, pending, resolved))
-    lock = threading.Lock()
-
-    def run_task(task) -> None:
-        rec, root, entry, tag, pending, resolved = task
-        cmd = [sys.executable, "-m", "rcd.run", "--multirun"] + entry.multirun_overrides() + [
-            f"runs_root={root}", "progress=false"] + (["force=true"] if args.force else [])
-        env = dict(os.environ, RCD_RUNS=str(root))
-        if args.threads:
+            print(f"[paper] {tag}: {len(pending)} of {len(resolved)} point(s) to run", flush=True)
+            plan += [(rec, r, r.point.overrides + [f"runs_root={root}"]) for r in pending]
+    if plan:
+        sweep = args.runs / ".sweeps" / time.strftime("%Y%m%d-%H%M%S")
+        sweep.mkdir(parents=True, exist_ok=True)
+        (sweep / "jobs.jsonl").write_text("".join(json.dumps(ov) + "\n" for _, _, ov in plan))
+        cmd = [sys.executable, "-m", "rcd.run", "--multirun", "hydra/sweeper=rcd_list",
+               f"hydra.sweeper.jobs_file={sweep / 'jobs.jsonl'}", f"hydra.sweeper.status_file={sweep / 'status.jsonl'}",
+               f"hydra.sweep.dir={sweep}"] + launcher_overrides(launcher, jobs) + list(args.launcher_override or []) + [
+               "progress=false"] + ([f"threads={args.threads}"] if args.threads else []) + (["force=true"] if args.force else [])
+        env = dict(os.environ)
+        if args.threads:  # also for the sweep's own process (the basic launcher runs jobs in it)
             env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        log = root / ".logs" / f"{entry.key}{'-' + entry.group if entry.group else ''}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[paper] {tag}: running {len(pending)} of {len(resolved)} point(s) -> {log}", flush=True)
-        t1, t_start = time.perf_counter(), time.time()
+        log = sweep / "sweep.log"
+        print(f"[paper] {len(plan)} run(s) through hydra/launcher={launcher_overrides(launcher, jobs)[0].split('=', 1)[1]}"
+              f" ({jobs} at once) -> {log}", flush=True)
+        t_start = time.time()
         with open(log, "w") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(proc.pid, 0)
-            rc = os.waitstatus_to_exitcode(status)
-        now_done = sum(1 for r in pending if r.done and (not args.force or
-                                                        (r.folder / "results.json").stat().st_mtime > t_start))
-        msg = f"{now_done} finished in {time.perf_counter() - t1:.0f} s"
-        with lock:
-            rec["ran"] += now_done
-            rec["failed"] += len(pending) - now_done
-            rec["wall_s"] += time.perf_counter() - t1  # summed over its tasks (they may overlap others)
-            rec["cpu_s"] += usage.ru_utime + usage.ru_stime
-            if rc != 0 or now_done < len(pending):
-                tail = log.read_text().strip().splitlines()[-1:] or [""]
-                msg += f"; FAILED (exit {rc}): {tail[0][:200]}"
-                rec["skipped"].append(f"{entry.key}{'/' + entry.group if entry.group else ''}: failed, see {log}")
-        print(f"[paper] {tag}: {msg}", flush=True)
-
-    jobs = max(1, int(args.jobs or 1))
-    record["jobs"] = jobs
-    if jobs == 1:
-        for task in tasks:
-            run_task(task)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(run_task, tasks))
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        status = {}
+        if (sweep / "status.jsonl").is_file():
+            status = {s["job"]: s for s in map(json.loads, (sweep / "status.jsonl").read_text().splitlines())}
+        for i, (rec, r, _) in enumerate(plan):
+            res = r.folder / "results.json"
+            fresh = res.is_file() and (not args.force or res.stat().st_mtime > t_start)
+            if fresh:
+                rec["ran"] += 1
+                timing = json.loads(res.read_text()).get("timing", {})
+                rec["wall_s"] += float(timing.get("total_s", 0.0))  # summed over its runs (they may overlap)
+                rec["cpu_s"] += float(timing.get("cpu_s", 0.0))
+                continue
+            rec["failed"] += 1
+            why = (status.get(i) or {}).get("error") or f"no results (sweep exit {proc.returncode}, see {log})"
+            rec["skipped"].append(f"{r.point.key}{'/' + r.point.group if r.point.group else ''} {r.point.params or ''}: "
+                                  f"failed: {why[:200]}")
+            print(f"[paper] {r.point.experiment}/{r.point.key}: FAILED: {why[:200]}", flush=True)
+        print(f"[paper] sweep: {sum(e['ran'] for e in recs)} ran, {sum(e['failed'] for e in recs)} failed, "
+              f"{time.time() - t_start:.0f} s", flush=True)
     for rec in recs:
         rec["wall_s"], rec["cpu_s"] = round(rec["wall_s"], 1), round(rec["cpu_s"], 1)
         record["experiments"].append(rec)
@@ -148,12 +174,6 @@ def run_experiments(args) -> dict:
     record["load_mean"] = round(sum(loads) / len(loads), 2)
     record["load_max"] = round(max(loads), 2)
     return record
-
-
-def children_cpu() -> float:
-    """CPU seconds (user + system) of the finished child processes (the runs) so far."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def machine() -> str:
@@ -200,7 +220,8 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
                      [f"Command: `{cmd}`; total wall time {record['wall_s']:.0f} s "
                       f"({record['wall_s'] / 60:.1f} min), CPU time of the runs {record.get('cpu_s', 0.0):.0f} s "
                       f"({record.get('cpu_s', 0.0) / 60:.1f} min), on {record.get('machine', 'an unrecorded machine')}; "
-                      f"threads per run: {record['threads'] or 'torch default'}; runs at once: {record.get('jobs', 1)}"
+                      f"threads per run: {record['threads'] or 'torch default'}; runs at once: {record.get('jobs', 1)} "
+                      f"(Hydra launcher: {record.get('launcher', 'basic')})"
                       f"{' (an experiment' + chr(39) + 's wall time is the sum over its runs)' if record.get('jobs', 1) > 1 else ''}; "
                       f"{'merged from several invocations (total = sum of experiments); ' if record.get('partial') else ''}"
                       f"1-minute load average during the runs: mean {record.get('load_mean', '?')}, "
@@ -333,6 +354,11 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=None,
                     help="runs at once (default: the number of cores at small scale, where each run has 1 thread; "
                          "1 at full scale)")
+    ap.add_argument("--launcher", default=None,
+                    help=f"Hydra launcher of the runs: {', '.join(LAUNCHERS)} (rcd/conf/hydra/launcher/), or any "
+                         "hydra/launcher name; default: processes when --jobs > 1 and rcd[cluster] is installed, else basic")
+    ap.add_argument("--launcher-override", nargs="*", metavar="KEY=VALUE",
+                    help="extra Hydra overrides of the sweep, e.g. hydra.launcher.partition=gpu")
     args = ap.parse_args(argv)
     global EXPERIMENTS
     EXPERIMENTS = args.experiments or (REPO / "experiments")

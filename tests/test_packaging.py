@@ -23,6 +23,9 @@ def test_wheel_runs_the_cli_outside_the_checkout_with_a_user_config_dir(tmp_path
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (site / "rcd" / "conf" / "config.yaml").is_file() and (site / "bin" / "rcd-run").is_file()
+    assert (site / "rcd" / "conf" / "hydra" / "launcher" / "rcd_slurm.yaml").is_file()
+    assert (site / "hydra_plugins" / "rcd_sweeper" / "list_sweeper.py").is_file()
+    assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace package, shared with other plugins
 
     model, tok = tiny_llama()
     model.save_pretrained(tmp_path / "model")

@@ -1,0 +1,1 @@
+"""rcd's Hydra sweeper plugin (``hydra/sweeper=rcd_list``); see :mod:`.list_sweeper`."""
