@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 # faiss-gpu when nvidia-smi sees a GPU, faiss-cpu otherwise
 FAISS   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo faiss-gpu-cu12 || echo faiss-cpu)
 
-.PHONY: setup demo test test-slow data paper bench clean
+.PHONY: setup demo test test-slow data paper bench clean gpu-check
 
 $(BIN)/.setup-done: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -55,3 +55,8 @@ bench: setup
 	$(BIN)/python scripts/bench.py --datastore-tokens 0 --index Flat "IVF4096,SQfp16" "IVF4096,PQ64+rerank" \
 		--nprobe 8 32 --synthetic 1000000 --presets every_n per_sentence latent_kv --context-new-tokens 128 \
 		--context-batch 1 8 --latent-chunks 2000 --latent-k 5 --profile --repeats 1 --out $(BENCH_OUT)
+
+# On a CUDA machine (not CI): CUDA torch + faiss-gpu in .venv-gpu, the tests marked gpu (bfloat16 on the GPU
+# against float32 on the CPU), the demo in bfloat16 and the benchmark -> paper/bench/bench_gpu.json, < 8 min.
+gpu-check:
+	bash scripts/gpu_check.sh

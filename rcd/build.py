@@ -9,6 +9,8 @@ Sharding: ``datastore.shard=i datastore.num_shards=n`` builds shard i of n (cont
 rows, see :mod:`rcd.datastore.shards`) into its own folder; ``+merge=true datastore.num_shards=n``
 merges the n finished shards into the folder of the unsharded datastore. (The token unit's
 config has no shard keys: add them with ``+datastore.shard=i +datastore.num_shards=n``.)
+``ray.enabled=true datastore.num_shards=n`` runs the n shards as Ray tasks and merges them
+(:mod:`rcd.build_ray`).
 
 Prints a summary: entries, bytes on disk, seconds, index type, peak resident memory of this
 process (``resource.getrusage``, includes the model and encoder), and whether the datastore was
@@ -89,16 +91,26 @@ def _existing(root: Path) -> set[str]:
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
-    """Build (or reuse) ``cfg.datastore`` for ``cfg.corpus`` and return the summary dict."""
+    """Build (or reuse) ``cfg.datastore`` for ``cfg.corpus`` and return the summary dict; with
+    ``ray.enabled=true`` its shards run as Ray tasks and are merged (:mod:`rcd.build_ray`)."""
     with AnonPeak() as mem:
-        summary = _build(cfg)
+        if (cfg.get("ray") or {}).get("enabled"):
+            from rcd import build_ray
+            from rcd.validate import check_config
+
+            check_config(cfg, task=False)  # before Ray, any model or datastore starts
+            build_ray.check(cfg)
+            summary = build_ray.build_on_ray(cfg, _build)
+        else:
+            summary = _build(cfg)
     summary["peak_anon_mib"] = None if mem.peak is None else round(mem.peak, 1)
     return summary
 
 
-def _build(cfg: DictConfig) -> dict[str, Any]:
+def _build(cfg: DictConfig, map_fn=None) -> dict[str, Any]:
     from rcd.datastore import registry
     from rcd.datastore.base import build_lock
+    from rcd.datastore.shards import check_shard, shard_label
     from rcd.paths import datastore_root
     from rcd.validate import check_config
 
@@ -121,10 +133,12 @@ def _build(cfg: DictConfig) -> dict[str, Any]:
     corpus_ds = instantiate(cfg.corpus.datastore)
     corpus_name = str(cfg.corpus.name)
     root = datastore_root(cfg)
-    with build_lock(root, unit, corpus_name):  # another build or run of this unit and corpus goes first
+    sh = None if merge else check_shard(params.get("shard"), params.get("num_shards"))
+    # another build or run of this unit and corpus (shard) goes first; shards of one corpus build at once
+    with build_lock(root, unit, shard_label(corpus_name, sh)):
         before = _existing(root)
         t1 = time.perf_counter()
-        store = _build_store(cfg, node, params, unit, lm, corpus_ds, corpus_name, root, merge)
+        store = _build_store(cfg, node, params, unit, lm, corpus_ds, corpus_name, root, merge, map_fn)
     seconds = time.perf_counter() - t1
     info = store.describe()
     verified = None
@@ -147,7 +161,8 @@ def _build(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _build_store(cfg, node, params: dict, unit: str, lm, corpus_ds, corpus_name: str, root: Path, merge: bool):
+def _build_store(cfg, node, params: dict, unit: str, lm, corpus_ds, corpus_name: str, root: Path, merge: bool,
+                 map_fn=None):
     from rcd.datastore import registry
     from rcd.datastore.shards import shard_corpus
     from rcd.strategy import call_target
@@ -155,6 +170,8 @@ def _build_store(cfg, node, params: dict, unit: str, lm, corpus_ds, corpus_name:
     progress = bool(cfg.get("progress", True))
     if merge:
         params.pop("_target_")
+        if map_fn is not None:
+            params["map_fn"] = map_fn  # the token merge fills an on-disk index's blocks with it
         return registry.merge_function(unit)(lm, corpus_ds, corpus_name, root, progress=progress, **params)
     if unit == "tokens" and (params.get("shard") is not None or params.get("num_shards") is not None):
         # the token unit's build_or_load knows nothing of shards: give it the shard's rows
@@ -179,6 +196,11 @@ def format_summary(s: dict[str, Any]) -> str:
                                  f"({s['verified']['seconds']} s)"))
     if s.get("num_shards"):
         rows.insert(1, ("shard", "merged" if s["shard"] is None else f"{s['shard']} of {s['num_shards']}"))
+    if s.get("ray"):
+        r = s["ray"]
+        rows.append(("ray", f"{len(s['shards'])} shard tasks on {r['address']} Ray ({r['cluster_cpus']:g} CPUs, "
+                            f"{r['cpus_per_shard']:g} per shard): shards {r['shards_seconds']} s, "
+                            f"wall {r['wall_seconds']} s"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"[rcd.build] {k.ljust(w)}  {v}" for k, v in rows)
 

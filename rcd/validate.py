@@ -55,6 +55,11 @@ def number(key: str, v, *, low: Optional[float] = None, high: Optional[float] = 
         raise ConfigError(key, f"must be a finite number{rng}{' or null' if allow_none else ''}, got {v!r}{why}")
 
 
+def boolean(key: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"must be true or false, got {v!r}")
+
+
 def one_of(key: str, v, choices) -> None:
     if v not in choices:
         raise ConfigError(key, f"must be one of {list(choices)}, got {v!r}")
@@ -94,6 +99,7 @@ DATASTORE_RULES: dict[str, Callable[[str, Any], None]] = {
     "weighting": lambda k, v: one_of(k, v, ("softmax", "score", "uniform")),
     "shard": lambda k, v: positive_int(k, v, allow_none=True, minimum=0),
     "num_shards": lambda k, v: positive_int(k, v, allow_none=True),
+    "index_ondisk": lambda k, v: boolean(k, v),
 }
 
 
@@ -121,6 +127,16 @@ def check_datastore(node: Optional[DictConfig], prefix: str = "datastore") -> No
         raise ConfigError(f"{prefix}.stride", f"must be <= window={params['window']}, got {params['stride']}")
     if params.get("overlap") is not None and params.get("chunk_size") and params["overlap"] >= params["chunk_size"]:
         raise ConfigError(f"{prefix}.overlap", f"must be < chunk_size={params['chunk_size']}, got {params['overlap']}")
+    if params.get("index_ondisk"):
+        import re
+
+        fac = str(params.get("index_factory", ""))
+        if not re.search(r"(^|,)IVF\d+", fac) or "+" in fac or "Refine" in fac:
+            raise ConfigError(f"{prefix}.index_ondisk", f"needs an IVF index_factory without a refine stage (e.g. "
+                              f"IVF4096,SQfp16), got {fac!r}; rerank=true re-scores hits from the stored keys")
+        if params.get("use_gpu") is True:
+            raise ConfigError(f"{prefix}.index_ondisk", "an on-disk index is searched on the CPU: set use_gpu=null or "
+                              "false (or index_ondisk=false to copy the index to the GPU)")
     if params.get("shard") is not None and params.get("num_shards") is not None \
             and params["shard"] >= params["num_shards"]:
         raise ConfigError(f"{prefix}.shard", f"must be < num_shards={params['num_shards']}, got {params['shard']}")

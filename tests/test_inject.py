@@ -103,6 +103,19 @@ def test_shift_is_refused_for_a_model_without_rope(tmp_path):
     KVInjection(positions="independent").check(gpt2)  # nothing to re-rotate: accepted
 
 
+def test_shift_is_accepted_in_bfloat16_and_a_wrong_rotation_is_still_caught():
+    """Re-rotating bfloat16 keys rounds twice (~1% error): the check allows the dtype's precision, and a
+    rotation that does not reproduce the model's keys (here: by 3 positions instead of 5) is still refused."""
+    from conftest import tiny_llama
+
+    bf16 = tiny_llama(hidden=64)[0].to(torch.bfloat16)
+    KVInjection(positions="shift").check(bf16)  # refused before the tolerance followed the dtype
+    wrong = KVInjection(positions="shift")
+    wrong.rotate = lambda k, d: KVInjection.rotate(wrong, k, d - 2)
+    with pytest.raises(InjectError, match="does not reproduce keys at shifted positions"):
+        wrong.check(bf16)
+
+
 # --------------------------------------------------------------------------- kNN attention
 class FixedMemories:
     """search_memories returns the same two memories for every query."""

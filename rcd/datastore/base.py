@@ -63,11 +63,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]+", ".", socket.gethostname()) or "host"
+
+
+def process_tag() -> str:
+    """``<host>_<pid>``: names this process's temporary files and folders uniquely, also across the
+    machines of a cluster that share the datastore folder (Ray workers, SLURM jobs)."""
+    return f"{_host()}_{os.getpid()}"
+
+
 def clean_stale_builds(root: Path) -> None:
-    """Remove ``.building-*`` folders left by builds whose process is gone."""
+    """Remove ``.building-*`` folders left by builds on this machine whose process is gone (another
+    machine's builds are left alone: its processes cannot be checked from here)."""
     for p in root.glob(".building-*"):
+        host, _, pid = p.name.rsplit("-", 1)[-1].rpartition("_")
+        if host and host != _host():
+            continue
         try:
-            pid = int(p.name.rsplit("-", 1)[-1])
+            pid = int(pid)
         except ValueError:
             continue
         if not _pid_alive(pid):
@@ -111,7 +127,7 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_builds(final.parent)
-        tmp = final.parent / f".building-{final.name}-{os.getpid()}"
+        tmp = final.parent / f".building-{final.name}-{process_tag()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     except OSError as e:
@@ -130,7 +146,7 @@ def atomic_folder(final: Path) -> Iterator[Path]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp-{process_tag()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from rcd.datastore.base import DatastoreError, Timer, sampled_sha1, slug
+from rcd.datastore.base import DatastoreError, Timer, process_tag, sampled_sha1, slug
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,13 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def index_path(folder: Path, factory: str, metric: str) -> Path:
-    return Path(folder) / "index" / f"{slug(factory)}-{metric}.faiss"
+def index_path(folder: Path, factory: str, metric: str, ondisk: bool = False) -> Path:
+    return Path(folder) / "index" / f"{slug(factory)}-{metric}{'-ondisk' if ondisk else ''}.faiss"
 
 
-def build_index(keys: np.ndarray, factory: str, metric: str = "l2", train_size: int = 100_000,
-                block: int = 65536, seed: int = 0, progress: bool = False):
-    """Build a FAISS index over ``keys`` [N, d] (float16/float32, may be a memmap)."""
+def trained_index(keys: np.ndarray, factory: str, metric: str = "l2", train_size: int = 100_000, seed: int = 0):
+    """An empty FAISS index for ``keys`` [N, d], trained (when it needs training) on ``train_size``
+    keys drawn with ``seed``: the same sample, hence the same quantizer, however the keys were built."""
     faiss = _faiss()
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}: choose one of {METRICS}")
@@ -62,6 +62,14 @@ def build_index(keys: np.ndarray, factory: str, metric: str = "l2", train_size: 
         except RuntimeError as e:
             raise ValueError(f"could not train {factory!r} on {m} keys ({e}); "
                              "use a smaller index (fewer IVF lists) or a bigger datastore") from e
+    return index
+
+
+def build_index(keys: np.ndarray, factory: str, metric: str = "l2", train_size: int = 100_000,
+                block: int = 65536, seed: int = 0, progress: bool = False):
+    """Build a FAISS index over ``keys`` [N, d] (float16/float32, may be a memmap), in memory."""
+    index = trained_index(keys, factory, metric, train_size, seed)
+    n = keys.shape[0]
     it = range(0, n, block)
     if progress:
         from tqdm import tqdm
@@ -75,11 +83,11 @@ def save_index(index, folder: Path, factory: str, metric: str, info: dict) -> Pa
     faiss = _faiss()
     path = index_path(folder, factory, metric)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp-{process_tag()}")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
     meta = path.with_suffix(".json")
-    tmpm = meta.with_name(meta.name + f".tmp-{os.getpid()}")
+    tmpm = meta.with_name(meta.name + f".tmp-{process_tag()}")
     tmpm.write_text(json.dumps({"factory": factory, "metric": metric, "ntotal": int(index.ntotal),
                                 "bytes": path.stat().st_size, "sampled": sampled_sha1(path), **info}, indent=2))
     os.replace(tmpm, meta)
@@ -96,28 +104,53 @@ def _index_intact(path: Path) -> bool:
 
 
 def load_or_build_index(folder: Path, keys: np.ndarray, factory: str, metric: str, *, nprobe: Optional[int] = None,
-                        ef_search: Optional[int] = None, use_gpu: Optional[bool] = None, progress: bool = False):
-    """Open ``index/<factory>-<metric>.faiss`` (building it the first time) and set search params."""
+                        ef_search: Optional[int] = None, use_gpu: Optional[bool] = None, progress: bool = False,
+                        ondisk: bool = False, keys_spec: Optional[dict] = None, bounds=None, map_fn=None):
+    """Open ``index/<factory>-<metric>.faiss`` (building it the first time) and set search params.
+
+    ``ondisk=True``: an IVF index whose inverted lists stay on disk (:mod:`rcd.datastore.ondisk`),
+    filled block by block (``bounds``: row starts of shards, each its own block; ``map_fn`` fills the
+    blocks in parallel), searched on the CPU through a memory map. Needs ``keys_spec`` (the manifest
+    entry of the keys, so workers can reopen them)."""
     faiss = _faiss()
-    path = index_path(folder, factory, metric)
-    if path.exists() and not _index_intact(path):
+    from rcd.datastore import ondisk as od
+
+    path = index_path(folder, factory, metric, ondisk)
+    intact = od.intact if ondisk else _index_intact
+    if path.exists() and not intact(path):
         log.warning("%s does not match its recorded checksum (changed or half-written): rebuilding it", path)
-        path.unlink()
+        od.remove(path)
     if path.exists():
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as e:
-            raise DatastoreError(f"{path} is corrupt ({e}); delete it and it will be rebuilt") from e
+        if ondisk:
+            index = od.read(path)
+        else:
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError as e:
+                raise DatastoreError(f"{path} is corrupt ({e}); delete it and it will be rebuilt") from e
         if index.ntotal != keys.shape[0] or index.d != keys.shape[1]:
             raise DatastoreError(f"{path} holds {index.ntotal}x{index.d} vectors but the keys are "
                                  f"{keys.shape[0]}x{keys.shape[1]}; delete it and it will be rebuilt")
+    elif ondisk:
+        if keys_spec is None:
+            raise ValueError("an on-disk index needs keys_spec (the keys' manifest entry)")
+        t = Timer()
+        empty = trained_index(keys, factory, metric)
+        od.check_factory(empty, factory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        od.build(od.StoredKeys(folder, keys_spec), empty, path, od.row_blocks(keys.shape[0], bounds), map_fn=map_fn,
+                 info={"factory": factory, "metric": metric, "train_seconds": round(t.seconds, 2)})
+        index = od.read(path)
     else:
         t = Timer()
         index = build_index(keys, factory, metric, progress=progress)
         save_index(index, folder, factory, metric, {"build_seconds": round(t.seconds, 2)})
     set_search_params(index, nprobe=nprobe, ef_search=ef_search)
     if use_gpu is None:
-        use_gpu = gpu_available()
+        use_gpu = gpu_available() and not ondisk  # on-disk lists are searched where they are: on the CPU
+    if use_gpu and ondisk:
+        raise ValueError("use_gpu=true with index_ondisk=true: an on-disk index is searched on the CPU; "
+                         "set use_gpu=null (or false), or index_ondisk=false to copy the index to the GPU")
     if use_gpu:
         res = faiss.StandardGpuResources()
         co = faiss.GpuClonerOptions()

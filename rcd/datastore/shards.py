@@ -129,8 +129,12 @@ def merge_entry_files(parts: list[Path], tmp: Path) -> dict:
 # --------------------------------------------------------------------------- tokens
 def merge_token_shards(lm, corpus_ds, corpus_name: str, root: Path, *, num_shards: int, layer="final",
                        max_tokens=None, window=512, stride=None, key_dtype="float16", index_factory="Flat",
-                       metric="l2", nprobe=32, ef_search=128, use_gpu=None, shard=None, **unused):
-    """Merge token-datastore shards into the folder of the unsharded build (needs ``max_tokens=null``)."""
+                       metric="l2", nprobe=32, ef_search=128, use_gpu=None, shard=None, rerank=False,
+                       index_ondisk=False, map_fn=None, **unused):
+    """Merge token-datastore shards into the folder of the unsharded build (needs ``max_tokens=null``).
+
+    With ``index_ondisk=true`` the index of the merged keys is an on-disk IVF index filled one block per
+    shard (``map_fn``: in parallel, e.g. Ray tasks) and merged on disk, never whole in RAM."""
     from rcd.corpus import fingerprint as corpus_fingerprint
     from rcd.datastore.tokens import TokenDatastore
 
@@ -170,7 +174,9 @@ def merge_token_shards(lm, corpus_ds, corpus_name: str, root: Path, *, num_shard
                 "window": window, "stride": stride, "keys": keys, "values": values, "positions": positions,
                 "build_seconds": round(seconds, 2), "tokens_per_second": round(total / max(seconds, 1e-9), 1),
                 "merged_from": [p.name for p in parts],
+                "shard_key_starts": list(np.cumsum([0] + [m["size"] for m in manifests[:-1]]).tolist()),
             }
             base.write_manifest(tmp, manifest)
     return TokenDatastore.load(folder, lm, index_factory=index_factory, metric=metric, nprobe=nprobe,
-                               ef_search=ef_search, use_gpu=use_gpu)
+                               ef_search=ef_search, use_gpu=use_gpu, rerank=rerank, index_ondisk=index_ondisk,
+                               map_fn=map_fn)

@@ -161,7 +161,10 @@ class TokenDatastore:
     # ------------------------------------------------------------------ load
     @classmethod
     def load(cls, folder: Path, lm, *, index_factory: str = "Flat", metric: str = "l2", nprobe: int = 32,
-             ef_search: int = 128, use_gpu: Optional[bool] = None, rerank: bool = False) -> "TokenDatastore":
+             ef_search: int = 128, use_gpu: Optional[bool] = None, rerank: bool = False, index_ondisk: bool = False,
+             map_fn=None) -> "TokenDatastore":
+        """Open a built folder. ``index_ondisk``: an IVF index with its lists on disk, filled one block per
+        shard of a merged build (``map_fn`` fills them in parallel, e.g. as Ray tasks)."""
         folder = Path(folder)
         manifest = base.read_manifest(folder)
         if manifest.get("unit") != "tokens":
@@ -170,7 +173,8 @@ class TokenDatastore:
         keys = base.open_array(folder, manifest["keys"])
         values = base.open_array(folder, manifest["values"])
         index = load_or_build_index(folder, keys, index_factory, metric, nprobe=nprobe, ef_search=ef_search,
-                                    use_gpu=use_gpu)
+                                    use_gpu=use_gpu, ondisk=bool(index_ondisk), keys_spec=manifest["keys"],
+                                    bounds=manifest.get("shard_key_starts"), map_fn=map_fn)
         return cls(folder, manifest, keys, values, index, metric, lm.device, rerank=rerank)
 
     # ---------------------------------------------------------------- search
@@ -213,15 +217,26 @@ class TokenDatastore:
             out[s:s + block] = torch.from_numpy(exact.astype(np.float32)).to(out.device)
         return out
 
+    def _ondisk(self) -> bool:
+        try:
+            import faiss
+
+            ivf = faiss.try_extract_index_ivf(self.index)
+            return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+        except (ImportError, AttributeError, TypeError):
+            return False
+
     def describe(self) -> dict[str, Any]:
         return {"unit": "tokens", "size": len(self), "folder": str(self.folder),
                 "index": type(self.index).__name__, "metric": self.metric,
+                "index_ondisk": self._ondisk(),
                 "bytes": sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())}
 
 
 def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, layer="final", max_tokens=100_000, window=512,
                   stride=None, batch_size=8, key_dtype="float16", index_factory="Flat", metric="l2", nprobe=32,
-                  ef_search=128, use_gpu=None, rerank=False, progress=True, **unused) -> TokenDatastore:
+                  ef_search=128, use_gpu=None, rerank=False, index_ondisk=False, progress=True,
+                  **unused) -> TokenDatastore:
     """Reuse the datastore with the same fingerprint under ``root`` or build it."""
     from rcd.corpus import fingerprint as corpus_fingerprint
 
@@ -238,4 +253,4 @@ def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, layer="final",
                              window=window, stride=stride, batch_size=batch_size, key_dtype=key_dtype,
                              progress=progress)
     return TokenDatastore.load(folder, lm, index_factory=index_factory, metric=metric, nprobe=nprobe,
-                               ef_search=ef_search, use_gpu=use_gpu, rerank=rerank)
+                               ef_search=ef_search, use_gpu=use_gpu, rerank=rerank, index_ondisk=index_ondisk)
