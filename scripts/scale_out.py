@@ -2,6 +2,14 @@
 
     python scripts/scale_out.py ray-build [--works hamlet othello lear tempest] [--max-chars 60000]
     python scripts/scale_out.py ondisk-synthetic [--keys 10000000] [--dim 576]
+    python scripts/scale_out.py launchers [--eval-tokens 512]
+
+``launchers``: the same four runs (the plain model and kNN-LM with k = 16, 64, 256 on held-out
+*Macbeth*, the default 100k-entry token datastore, no generation) as one ``--multirun`` through
+rcd's list sweeper on three launchers, each into its own runs folder: basic (one after another),
+local processes (``hydra/launcher=rcd_processes``, 2 workers of 1 thread) and submitit's local
+executor (``rcd_submitit_local``, 2 at once); every computed value of every run
+(:func:`rcd.report.computed_values`) compared across them, and each sweep's wall time.
 
 ``ray-build``: builds the SmolLM2 token datastore of the chosen Shakespeare works twice, in fresh
 datastore folders: ``rcd.build`` unsharded (one process, torch's threads) and ``rcd.build
@@ -43,6 +51,16 @@ def _save(out: Path, key: str, value) -> None:
     out.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _run(cmd: list[str]) -> float:
+    """Run ``cmd`` in the checkout; its wall seconds (stops the script with the output's tail on failure)."""
+    print("$ " + " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
+    return time.perf_counter() - t
+
+
 def _status() -> dict:
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -54,7 +72,7 @@ def _status() -> dict:
 
 # ------------------------------------------------------------------------------------------ ray build
 def ray_build(args) -> dict:
-    work = Path(args.work)
+    work = Path(args.work) / "ray-build"  # each subcommand owns one subfolder of --work
     shutil.rmtree(work, ignore_errors=True)
     works = "[" + ",".join(args.works) + "]"
     common = ["datastore=tokens", "corpus=shakespeare", f"+corpus.datastore.include={works}",
@@ -65,14 +83,8 @@ def ray_build(args) -> dict:
                         ("ray", ["datastore.index_ondisk=true", f"+datastore.num_shards={args.shards}", "ray.enabled=true",
                                  f"ray.num_cpus={args.shards}", "ray.cpus_per_shard=1"])):
         summary = work / f"{name}.json"
-        cmd = [sys.executable, "-m", "rcd.build"] + common + extra + [f"datastore_root={work / name}",
-                                                                     f"summary_json={summary}"]
-        print("$ " + " ".join(cmd), flush=True)
-        t = time.perf_counter()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        if p.returncode != 0:
-            raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
+        wall = _run([sys.executable, "-m", "rcd.build"] + common + extra + [f"datastore_root={work / name}",
+                                                                            f"summary_json={summary}"])
         s = json.loads(summary.read_text())
         runs[name] = {"wall_s": round(wall, 1), "build_s": s["seconds"], "entries": s["entries"], "folder": s["folder"],
                       "status": s["status"], "index": s.get("describe", {}).get("index"),
@@ -98,6 +110,42 @@ def ray_build(args) -> dict:
            "distances_max_abs_diff": float((na.scores - nb.scores).abs().max())}
     rec = {"works": args.works, "max_chars": args.max_chars, "shards": args.shards, "index": fac, "runs": runs,
            "compare": cmp, "machine": f"{os.cpu_count()} cores"}
+    print(json.dumps(rec, indent=1))
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ launchers
+LAUNCHERS = {
+    "basic": [],
+    "processes (joblib, 2 workers)": ["hydra/launcher=rcd_processes", "hydra.launcher.n_jobs=2"],
+    "submitit local (2 at once)": ["hydra/launcher=rcd_submitit_local", "hydra.sweeper.max_batch_size=2"],
+}
+
+
+def launchers(args) -> dict:
+    from rcd.report import computed_values
+
+    work = Path(args.work) / "launchers"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    jobs = [["+strategy=none"]] + [["+strategy=per_token", f"strategy.control.k={k}"] for k in (16, 64, 256)]
+    (work / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    common = [f"task.eval_tokens={args.eval_tokens}", "task.generate=false", "progress=false", "threads=1"]
+    rec: dict = {"jobs": jobs, "common": common, "sweeps": {}}
+    values = {}
+    for i, (name, launcher) in enumerate(LAUNCHERS.items()):
+        wall = _run([sys.executable, "-m", "rcd.run", "--multirun", "hydra/sweeper=rcd_list",
+                     f"hydra.sweeper.jobs_file={work / 'jobs.jsonl'}", f"hydra.sweep.dir={work / f'sweep{i}'}",
+                     f"runs_root={work / f'runs{i}'}"] + launcher + common)
+        runs = {f.parent.name: computed_values(json.loads(f.read_text()))
+                for f in sorted((work / f"runs{i}").glob("*/results.json"))}
+        values[name] = runs
+        rec["sweeps"][name] = {"wall_s": round(wall, 1), "runs": len(runs), "perplexity": {
+            k: v.get("metrics.perplexity.perplexity", v.get("metrics.perplexity.perplexity_none")) for k, v in runs.items()}}
+        print(f"[scale_out] {name}: {len(runs)} runs, {wall:.0f} s", flush=True)
+    first = next(iter(values.values()))
+    rec["identical"] = all(v == first for v in values.values())
+    rec["values_compared_per_launcher"] = sum(len(v) for v in first.values())
     print(json.dumps(rec, indent=1))
     return rec
 
@@ -169,8 +217,12 @@ for nprobe in (8, 32):
             q = rng.standard_normal((b, {args.dim}), dtype=np.float32)
             index.search(q, 256)
         rows.append({{"nprobe": nprobe, "batch": b, "k": 256, "search_ms": (time.perf_counter() - t) / reps * 1000}})
+import faiss
+ivf = faiss.extract_index_ivf(index)
+sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
 print(json.dumps({{"before_open": before, "after_open": opened, "after_search": _status(), "rows": rows,
-                  "ntotal": int(index.ntotal)}}))
+                  "ntotal": int(index.ntotal), "imbalance_factor": float(ivf.invlists.imbalance_factor()),
+                  "empty_lists": int((sizes == 0).sum()), "largest_list": int(sizes.max())}}))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
@@ -179,8 +231,10 @@ print(json.dumps({{"before_open": before, "after_open": opened, "after_search": 
     rec.update(res)
     rec["index_bytes"] = path.stat().st_size
     rec["ivfdata_bytes"] = path.with_suffix(".ivfdata").stat().st_size
-    rec["note"] = ("random standard-normal keys (synthetic); searched right after the build, so part of the lists "
-                   "may be in the page cache; RssFile counts mapped list pages the kernel can drop")
+    rec["note"] = ("random standard-normal keys (synthetic), as the bench's --synthetic: k-means on isotropic 576-d "
+                   "noise leaves many lists empty and a few huge (imbalance_factor), so a probe scans more codes than "
+                   "on real keys; searched right after the build (lists partly in the page cache); RssFile counts "
+                   "mapped list pages the kernel can drop")
     print(json.dumps(rec, indent=1))
     return rec
 
@@ -196,12 +250,16 @@ def main(argv=None) -> None:
     s = sub.add_parser("ondisk-synthetic")
     s.add_argument("--keys", type=int, default=10_000_000)
     s.add_argument("--dim", type=int, default=576)
-    for p in (r, s):
+    la = sub.add_parser("launchers")
+    la.add_argument("--eval-tokens", type=int, default=512)
+    for p in (r, s, la):
         p.add_argument("--work", default=os.environ.get("RCD_SCALE_WORK", "/tmp/rcd-scale-out"))
         p.add_argument("--out", type=Path, default=ROOT / "paper" / "bench" / "scale_out.json")
     args = ap.parse_args(argv)
     if args.cmd == "ray-build":
         _save(args.out, "ray_build", ray_build(args))
+    elif args.cmd == "launchers":
+        _save(args.out, "launchers", launchers(args))
     else:
         _save(args.out, "ondisk_synthetic", ondisk_synthetic(args))
 

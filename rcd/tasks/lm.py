@@ -5,6 +5,8 @@ window (see :mod:`rcd.tasks.perplexity`), generation from two ``model.generate``
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from rcd.tasks import generate as gen
@@ -19,6 +21,8 @@ def validate(cfg) -> None:
     positive_int("task.eval_tokens", t.get("eval_tokens"), allow_none=True, minimum=2)
     positive_int("task.window", t.get("window"), minimum=2)
     positive_int("task.stride", t.get("stride"))
+    if t.get("prefix_token") not in (None, "bos", "eos"):
+        raise ConfigError("task.prefix_token", f"must be null, bos or eos, got {t.get('prefix_token')!r}")
     if t.stride > t.window:
         raise ConfigError("task.stride", f"must be <= task.window={t.window}, got {t.stride}")
     check_long_prompt(cfg)
@@ -44,11 +48,28 @@ def validate_with_model(cfg, lm) -> None:
         check_generation_fits(cfg, lm)
 
 
-def heldout_ids(lm, heldout_ds, eval_tokens) -> torch.Tensor:
+def prefix_id(lm, prefix_token: Optional[str]) -> Optional[int]:
+    """The id ``task.prefix_token`` names (``bos``/``eos``: the tokenizer's; BOS falls back to EOS), or None."""
+    if prefix_token is None:
+        return None
+    tok = lm.tokenizer
+    pid = tok.bos_token_id if prefix_token == "bos" and tok.bos_token_id is not None else tok.eos_token_id
+    if pid is None:
+        raise ValueError(f"task.prefix_token={prefix_token}: the tokenizer of {lm.name} has no BOS or EOS token")
+    return int(pid)
+
+
+def heldout_ids(lm, heldout_ds, eval_tokens, prefix_token: Optional[str] = None) -> torch.Tensor:
+    """Token ids of the held-out text (its documents joined by a blank line), at most ``eval_tokens``;
+    with ``prefix_token`` the BOS/EOS id first, so that the text's first token is scored too (as
+    lm-eval-harness's rolling log-likelihood does)."""
     text = "\n\n".join(heldout_ds["text"])
     ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if eval_tokens is not None:  # validated at start-up: null (all) or >= 2
         ids = ids[: int(eval_tokens)]
+    pid = prefix_id(lm, prefix_token)
+    if pid is not None:
+        ids = torch.cat([torch.tensor([pid], dtype=ids.dtype), ids])
     if ids.numel() < 2:
         raise ValueError("the held-out text is empty: choose another held-out set (corpus.heldout)")
     return ids
@@ -56,7 +77,7 @@ def heldout_ids(lm, heldout_ds, eval_tokens) -> torch.Tensor:
 
 def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     t = cfg.task
-    ids = heldout_ids(lm, heldout_ds, t.eval_tokens)
+    ids = heldout_ids(lm, heldout_ds, t.eval_tokens, t.get("prefix_token"))
     ppl = perplexity.score(lm, ids, strategy.control, strategy.schedule, window=t.window, stride=t.stride)
     metrics = {"perplexity": ppl.summary()}
     if strategy.schedule is not None and hasattr(strategy.schedule, "stats"):
