@@ -104,12 +104,14 @@ def test_metrics_hand_computed():
 
 
 def test_summary_rows():
-    q = {"exact_match": 0.5, "f1": 0.625, "recall": 0.75, "recall_k": 3, "retrieval_rate": 0.0625,
-         "tokens_per_second": 20.0, "time_to_first_token": 0.5}
-    rows = qa.summary_rows("once", {"metrics": {"qa": q, "none": dict(q, recall=None, exact_match=0.0)}}, 10)
-    assert rows[0][:4] == ["strategy", "exact match", "F1", "recall@3"]
-    assert rows[1] == ["none", "0.000", "0.625", "-", "0.062", "20.0", "0.500"]
-    assert rows[2] == ["once", "0.500", "0.625", "0.750", "0.062", "20.0", "0.500"]
+    q = {"exact_match": 0.5, "f1": 0.625, "contains": 0.875, "recall": 0.75, "recall_k": 3, "retrieval_rate": 0.0625,
+         "retrievals_per_question": 1.0, "tokens_per_second": 20.0, "time_to_first_token": 0.5}
+    none = dict(q, recall=None, exact_match=0.0, contains=0.25, retrieval_rate=0.0, retrievals_per_question=0.0)
+    rows = qa.summary_rows("once", {"metrics": {"qa": q, "none": none}}, 10)
+    assert rows[0][:6] == ["strategy", "exact match", "F1", "answer in output", "recall@3",
+                           "retrieval rate (share of steps)"]
+    assert rows[1] == ["none", "0.000", "0.625", "0.250", "-", "0.000", "0.00", "20.0", "0.500"]
+    assert rows[2] == ["once", "0.500", "0.625", "0.875", "0.750", "0.062", "1.00", "20.0", "0.500"]
 
 
 def _setup(tmp_path):

@@ -115,10 +115,12 @@ def summary_rows(strategy_name: str, res: dict, datastore_size) -> list[list[str
     p, g = res["metrics"]["perplexity"], res["metrics"]["generation"]
     tps = lambda name: f"{g[name]['tokens_per_second']:.1f}" if name in g else "-"  # noqa: E731
     ttft = lambda name: f"{g[name]['time_to_first_token']:.3f}" if name in g else "-"  # noqa: E731
-    rows = [["strategy", "perplexity", "bits/byte", "decode tok/s", "time to 1st tok (s)", "datastore"],
-            ["none", f"{p['perplexity_none']:.2f}", f"{p['bits_per_byte_none']:.4f}", tps("none"), ttft("none"), "-"]]
+    rows = [["strategy", "perplexity", "bits/byte", "retrieval rate (share of steps)", "decode tok/s",
+             "time to 1st tok (s)", "datastore"],
+            ["none", f"{p['perplexity_none']:.2f}", f"{p['bits_per_byte_none']:.4f}", "0.000", tps("none"), ttft("none"), "-"]]
     if strategy_name != "none" and "perplexity" in p:
         ratio = f" ({g['throughput_ratio']:.2f}x)" if g.get("throughput_ratio") else ""
         rows.append([strategy_name, f"{p['perplexity']:.2f} ({p['relative_change']:+.1%})", f"{p['bits_per_byte']:.4f}",
-                     tps(strategy_name) + ratio, ttft(strategy_name), f"{datastore_size:,}" if datastore_size else "-"])
+                     f"{p['retrieval_rate']:.3f}", tps(strategy_name) + ratio, ttft(strategy_name),
+                     f"{datastore_size:,}" if datastore_size else "-"])
     return rows
