@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import tiny_llama
 from rcd.engine import Output
+from rcd.errors import RcdError
 from rcd.metrics import bootstrap_ci
 from rcd.tasks import qa
 
@@ -124,8 +125,8 @@ def _setup(tmp_path):
     passages = tmp_path / "passages.jsonl"
     passages.write_text("".join(json.dumps(r) + "\n" for r in PASSAGES))
     return [f"model.name={folder}", "task=qa", "corpus=files", f"corpus.datastore.data_files={passages}",
-            "+corpus.datastore.id_field=id", f"corpus.heldout.data_files={passages}", f"task.path={qa_path}",
-            "task.n=null", "task.max_new_tokens=3", "task.batch_size=2", "datastore.retriever=bm25",
+            "corpus.datastore.id_field=id", f"corpus.heldout.data_files={passages}", f"task.path={qa_path}",
+            "task.filter={kind:born}", "task.gold_field=gold_id", "task.n=null", "task.max_new_tokens=3", "task.batch_size=2", "datastore.retriever=bm25",
             "datastore.chunking=record", f"datastore_root={tmp_path / 'ds'}", f"runs_root={tmp_path / 'runs'}",
             "progress=false"]
 
@@ -150,3 +151,40 @@ def test_qa_end_to_end_with_rcd_run(tmp_path):
     assert [(p["id"], p["step"], p["doc_ids"]) for p in prov] == [("q1", 0, ["wn-1"]), ("q3", 0, ["wn-2"]),
                                                                    ("q4", 0, ["wn-3"])]
     assert prov[0]["query"] == QA[0]["question"]
+
+
+def test_generic_qa_on_your_own_files_with_mapped_fields_and_no_heldout_file(tmp_path):
+    """task=qa on a user's data: own field names (no `+`), no held-out file, neutral defaults (no filter,
+    no answer regex: the whole first line is the prediction)."""
+    from test_run import cfg_for
+
+    from rcd.run import execute
+
+    model, tok = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "passages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"pid": "p-aalto", "body": "Alvar Aalto was a Finnish architect born in 1898."},
+        {"pid": "p-brahe", "body": "Tycho Brahe was a Danish astronomer born in 1546."}]))
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"qid": "a", "q": "Which architect was Finnish?", "a": "Alvar Aalto", "src": "p-aalto"},
+        {"qid": "b", "q": "Which astronomer was Danish?", "a": ["Tycho Brahe", "Brahe"], "src": "p-brahe"}]))
+    res = execute(cfg_for([
+        "+strategy=once", "strategy.retrieval.k=1", "task=qa", f"task.path={tmp_path / 'questions.jsonl'}",
+        "task.question_field=q", "task.answers_field=a", "task.id_field=qid", "task.gold_field=src",
+        "task.max_new_tokens=3", "corpus=files", f"corpus.datastore.data_files={tmp_path / 'passages.jsonl'}",
+        "corpus.datastore.text_field=body", "corpus.datastore.id_field=pid", "datastore.retriever=bm25",
+        "datastore.chunking=record", f"model.name={tmp_path / 'm'}", f"datastore_root={tmp_path / 'ds'}",
+        f"runs_root={tmp_path / 'runs'}", "progress=false"]))
+    m, ex = res["metrics"]["qa"], res["per_example"]["examples"]
+    assert m["questions"] == 2 and m["recall"] == 1.0  # BM25 finds each question's source passage by its pid
+    assert [e["id"] for e in ex] == ["a", "b"] and [e["retrieved"] for e in ex] == [["p-aalto"], ["p-brahe"]]
+    assert all(e["prediction"] == e["output"].strip().splitlines()[0].strip() for e in ex if e["output"].strip())
+
+
+def test_generic_qa_without_a_path_is_refused_at_start_up():
+    from rcd.report import compose
+    from rcd.validate import check_config
+
+    with pytest.raises(RcdError, match="task.path: no QA file given"):
+        check_config(compose(["+strategy=none", "task=qa"]))

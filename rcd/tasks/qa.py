@@ -112,6 +112,9 @@ def validate(cfg) -> None:
     from rcd.validate import check_long_prompt, positive_int
 
     t = cfg.task
+    if not t.get("path"):
+        raise QAError("task.path: no QA file given: set task.path=<your questions .jsonl> (one JSON object per "
+                      "line with task.question_field and task.answers_field), or use task=qa_wordnet / qa_mendeleev")
     positive_int("task.max_new_tokens", t.get("max_new_tokens"))
     positive_int("task.batch_size", t.get("batch_size", 8))
     positive_int("task.n", t.get("n"), allow_none=True)
