@@ -1012,12 +1012,13 @@ def lm_knn_grid(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     if not ks or min(ks) < 1 or not lmbdas or not all(0.0 <= x < 1.0 for x in lmbdas):
         raise ValueError(f"lm_knn_grid: grid_ks must be >= 1 and grid_lmbdas in [0, 1), got {ks} and {lmbdas}")
     rec = _NeighbourRecorder(ctl, max(ks + [ctl.k]))
-    ids = lm_task.heldout_ids(lm, heldout_ds, t.eval_tokens, t.get("prefix_token"))
-    ppl = perplexity.score(lm, ids, rec, None, window=t.window, stride=t.stride)
+    docs = lm_task.heldout_docs(lm, heldout_ds, t.eval_tokens, t.get("prefix_token"))
+    ppl = perplexity.PerplexityResult.pool([perplexity.score(lm, d["ids"], rec, None, window=t.window, stride=t.stride)
+                                           for d in docs])
     k_max = min(rec.k_max, len(ctl.datastore))
     scores = torch.cat(rec.scores)
     tokens = torch.cat(rec.tokens)
-    targets = ids[1:].cpu()
+    targets = torch.cat([d["ids"][1:] for d in docs]).cpu()
     grid = knn_grid_nll(ppl.nll_none, scores, tokens, targets, [min(k, k_max) for k in ks], lmbdas,
                         ctl.temperature, rec.metric)
     points = []

@@ -64,7 +64,7 @@ from rcd.datastore.tokens import build_or_load  # noqa: E402
 from rcd.models import load_model  # noqa: E402
 from rcd.paths import cache_dir, datastore_root  # noqa: E402
 from rcd.tasks import generate as gen  # noqa: E402
-from rcd.tasks.lm import heldout_ids  # noqa: E402
+from rcd.tasks.lm import heldout_docs  # noqa: E402
 from rcd.tasks.perplexity import score  # noqa: E402
 
 #: the targets of issue #6: (op, threshold); a ratio is strategy / none unless said otherwise
@@ -680,7 +680,7 @@ def main(argv=None) -> dict:
     for b in args.batch:
         r = decode(lm, None, b, args.new_tokens, args.repeats)
         base[f"tps_b{b}"], base[f"ttft_b{b}"] = r["tokens_per_second"], r["time_to_first_token"]
-    held = heldout_ids(lm, shakespeare(include=["macbeth"]), args.eval_tokens)
+    (held,) = [d["ids"] for d in heldout_docs(lm, shakespeare(include=["macbeth"]), args.eval_tokens)]
     ppl_none = score(lm, held).summary()["perplexity_none"]
     base.update({"perplexity": ppl_none, "peak_rss_mb": peak_rss_mb()})
     out["rows"].append(base)

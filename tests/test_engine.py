@@ -425,7 +425,7 @@ def test_lm_task_runs_context_presets_end_to_end(tmp_path):
     setup = [f"model.name={tmp_path / 'm'}", "corpus=files", f"corpus.datastore.data_files={tmp_path / 'c.jsonl'}",
              f"corpus.heldout.data_files={tmp_path / 'h.jsonl'}", "task.eval_tokens=40", "task.max_new_tokens=4",
              "task.window=32", "task.stride=16", f"datastore_root={tmp_path / 'ds'}", f"runs_root={tmp_path / 'runs'}",
-             "progress=false"]
+             "progress=false", "task.prompts=['To be, or not to be','The slings and arrows']"]
     common = ["datastore.retriever=bm25", "datastore.chunking=sentence", "datastore.chunk_size=8",
               "datastore.overlap=0"]
     for preset in ("once", "every_n", "replug"):

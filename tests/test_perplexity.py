@@ -68,3 +68,37 @@ def test_controlled_nll_is_the_mixture(tiny_lm):
 def test_too_short_text_is_refused(tiny_lm):
     with pytest.raises(ValueError, match="fewer than 2 tokens"):
         score(tiny_lm, torch.tensor([3]))
+
+
+def test_token_budget_spreads_over_documents_and_refills_short_ones():
+    from rcd.tasks.lm import token_budget
+
+    assert token_budget([100, 100], 10) == [5, 5]
+    assert token_budget([100, 100, 100], 10) == [4, 3, 3]  # the remainder to the first documents
+    assert token_budget([2, 100, 100], 10) == [2, 4, 4]  # a short document gives what it lacks to the others
+    assert token_budget([3, 4], 100) == [3, 4] and token_budget([3, 4], None) == [3, 4]
+    assert sum(token_budget([7, 1, 50, 9], 40)) == 40
+
+
+def test_every_heldout_document_is_scored_on_its_own(tmp_path, tiny_lm):
+    """Two held-out documents: each contributes its first tokens by the budget, scored separately (its first
+    token is context only); the pooled NLLs equal the two fresh scores; results name the documents."""
+    import datasets
+
+    from rcd.strategy import Strategy
+    from rcd.tasks.lm import heldout_docs, prompts_from, score_docs
+
+    texts = ["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer the slings\n",
+             "Now is the winter of our discontent\nMade glorious summer by this sun of York;\nAnd all the clouds\n"]
+    ds = datasets.Dataset.from_dict({"id": ["hamlet", "richard"], "text": texts})
+    docs = heldout_docs(tiny_lm, ds, 40)
+    assert [d["id"] for d in docs] == ["hamlet", "richard"] and [d["ids"].numel() for d in docs] == [20, 20]
+    res = score_docs(tiny_lm, docs, Strategy("none"), window=16, stride=8)
+    want = np.concatenate([score(tiny_lm, d["ids"], window=16, stride=8).nll_none for d in docs])
+    np.testing.assert_allclose(res.nll_none, want)
+    assert len(res.nll_none) == 38  # 19 + 19: each document's first token is context
+    ids0 = tiny_lm.tokenizer(texts[0], add_special_tokens=False)["input_ids"][:20]
+    assert docs[0]["ids"].tolist() == ids0
+    # prompts come from the evaluated documents, after the scored text, round-robin
+    assert prompts_from(ds, docs, 2) == ["Whether 'tis nobler in the mind to suffer the slings\n",
+                                         "Made glorious summer by this sun of York;\n"]

@@ -30,7 +30,7 @@ def validate(cfg) -> None:
         positive_int("task.max_new_tokens", t.get("max_new_tokens"))
         prompts = list(t.get("prompts") or [])
         if not prompts:
-            raise ConfigError("task.prompts", "is empty but task.generate=true; give prompts or task.generate=false")
+            positive_int("task.num_prompts", t.get("num_prompts", 2))
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ConfigError(f"task.prompts[{i}]", f"must be a non-empty string, got {p!r}")
@@ -59,30 +59,84 @@ def prefix_id(lm, prefix_token: Optional[str]) -> Optional[int]:
     return int(pid)
 
 
-def heldout_ids(lm, heldout_ds, eval_tokens, prefix_token: Optional[str] = None) -> torch.Tensor:
-    """Token ids of the held-out text (its documents joined by a blank line), at most ``eval_tokens``;
-    with ``prefix_token`` the BOS/EOS id first, so that the text's first token is scored too (as
-    lm-eval-harness's rolling log-likelihood does)."""
-    text = "\n\n".join(heldout_ds["text"])
-    ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    if eval_tokens is not None:  # validated at start-up: null (all) or >= 2
-        ids = ids[: int(eval_tokens)]
+def token_budget(lengths: list[int], eval_tokens: Optional[int]) -> list[int]:
+    """Tokens scored from each held-out document: ``eval_tokens`` spread evenly over the documents (the
+    first documents get the remainder); a document shorter than its share gives what it lacks to the
+    others, pass by pass, until the budget or the documents run out. null: every token of every document."""
+    if eval_tokens is None:
+        return list(lengths)
+    alloc, left = [0] * len(lengths), int(eval_tokens)
+    open_ = [i for i, n in enumerate(lengths) if n > 0]
+    while open_ and left > 0:
+        share, extra = divmod(left, len(open_))
+        for j, i in enumerate(list(open_)):
+            want = share + (1 if j < extra else 0)
+            take = min(want, lengths[i] - alloc[i])
+            alloc[i] += take
+            left -= take
+        open_ = [i for i in open_ if alloc[i] < lengths[i]]
+        if share == 0 and extra == 0:
+            break
+    return alloc
+
+
+def heldout_docs(lm, heldout_ds, eval_tokens, prefix_token: Optional[str] = None) -> list[dict]:
+    """The held-out documents to score, each ``{id, ids, offset_chars}``: its first tokens by
+    :func:`token_budget`, each document scored on its own (the first token is context only, unless
+    ``prefix_token`` puts the BOS/EOS id before it, as lm-eval-harness's rolling log-likelihood does);
+    ``offset_chars``: where the scored text ends in the document. Documents left with < 2 ids are skipped."""
+    texts = list(heldout_ds["text"])
+    ids_ids = list(heldout_ds["id"]) if "id" in heldout_ds.column_names else [str(i) for i in range(len(texts))]
+    enc = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    alloc = token_budget([len(e) for e in enc], None if eval_tokens is None else int(eval_tokens))
     pid = prefix_id(lm, prefix_token)
-    if pid is not None:
-        ids = torch.cat([torch.tensor([pid], dtype=ids.dtype), ids])
-    if ids.numel() < 2:
+    out = []
+    for doc_id, text, e, n in zip(ids_ids, texts, enc, alloc):
+        ids = ([pid] if pid is not None else []) + e[:n]
+        if len(ids) < 2:
+            continue
+        out.append({"id": str(doc_id), "ids": torch.tensor(ids), "offset_chars": len(lm.tokenizer.decode(e[:n]))})
+    if not out:
         raise ValueError("the held-out text is empty: choose another held-out set (corpus.heldout)")
-    return ids
+    return out
+
+
+def prompts_from(heldout_ds, docs: list[dict], num: int, min_chars: int = 20) -> list[str]:
+    """``num`` generation prompts from the evaluated documents, round-robin over them: the next line of at
+    least ``min_chars`` characters after each document's scored text (its first such line if none follows)."""
+    texts = {str(i): t for i, t in zip(list(heldout_ds["id"]) if "id" in heldout_ds.column_names
+                                       else [str(i) for i in range(len(heldout_ds))], heldout_ds["text"])}
+    pools = []
+    for d in docs:
+        text = texts[d["id"]]
+        after = [ln.strip() for ln in text[d["offset_chars"]:].splitlines()[1:] if len(ln.strip()) >= min_chars]
+        pools.append(after or [ln.strip() for ln in text.splitlines() if len(ln.strip()) >= min_chars])
+    out, k = [], 0
+    while len(out) < num and any(len(p) > k for p in pools):
+        out += [p[k] + "\n" for p in pools if len(p) > k][: num - len(out)]
+        k += 1
+    return out
+
+
+def score_docs(lm, docs: list[dict], strategy, window: int, stride: int):
+    """:func:`rcd.tasks.perplexity.score` of each document, pooled (one PerplexityResult, every scored token)."""
+    return perplexity.PerplexityResult.pool([
+        perplexity.score(lm, d["ids"], strategy.control, strategy.schedule, window=window, stride=stride)
+        for d in docs])
 
 
 def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     t = cfg.task
-    ids = heldout_ids(lm, heldout_ds, t.eval_tokens, t.get("prefix_token"))
-    ppl = perplexity.score(lm, ids, strategy.control, strategy.schedule, window=t.window, stride=t.stride)
+    docs = heldout_docs(lm, heldout_ds, t.eval_tokens, t.get("prefix_token"))
+    ppl = score_docs(lm, docs, strategy, t.window, t.stride)
     metrics = {"perplexity": ppl.summary()}
+    # which text was scored: the rule (token_budget) and each document's scored tokens
+    metrics["perplexity"]["documents"] = [{"id": d["id"], "tokens": int(d["ids"].numel()) - 1} for d in docs]
     if strategy.schedule is not None and hasattr(strategy.schedule, "stats"):
         metrics["schedule"] = strategy.schedule.stats()
-    prompts = list(t.prompts) if t.get("generate", True) else []
+    prompts = []
+    if t.get("generate", True):  # task.prompts, or lines of the evaluated documents (prompts_from)
+        prompts = list(t.prompts) if t.get("prompts") else prompts_from(heldout_ds, docs, int(t.get("num_prompts", 2)))
     gens = {}
     policy = t.get("long_prompt", "drop_passages")
     if prompts:

@@ -32,6 +32,18 @@ class PerplexityResult:
     fired: int = 0
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def pool(cls, parts: list["PerplexityResult"]) -> "PerplexityResult":
+        """Several texts' results as one: their tokens, bytes, seconds and firings together."""
+        if len(parts) == 1:
+            return parts[0]
+        ctl = [p.nll for p in parts]
+        return cls(nll_none=np.concatenate([p.nll_none for p in parts]),
+                   nll=None if any(x is None for x in ctl) else np.concatenate(ctl),
+                   n_bytes=sum(p.n_bytes for p in parts), seconds_none=sum(p.seconds_none for p in parts),
+                   seconds=sum(p.seconds for p in parts), fired=sum(p.fired for p in parts),
+                   extra={"parts": len(parts)})
+
     @staticmethod
     def ppl(nll: np.ndarray) -> float:
         return float(math.exp(float(np.mean(nll))))
