@@ -207,11 +207,12 @@ def format_summary(s: dict[str, Any]) -> str:
 
 @hydra.main(version_base=None, config_path="conf", config_name="build")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO)
     from hydra.errors import InstantiationException
 
     from rcd.errors import EXIT_CODE, RcdError
-    from rcd.run import report_error
+    from rcd.run import report_error, setup_logging
+
+    setup_logging()
 
     try:
         summary = build(cfg)

@@ -210,6 +210,18 @@ def set_threads(n: Optional[int]) -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # for processes this run starts
 
 
+#: libraries whose INFO lines every run would print without telling the user anything (FAISS's loader
+#: says which SIMD build it tried: "Could not load library with AVX512 support ...")
+_QUIET = ("faiss.loader", "faiss")
+
+
+def setup_logging() -> None:
+    """INFO for rcd, WARNING for the libraries in :data:`_QUIET` (rcd.run and rcd.build)."""
+    logging.basicConfig(level=logging.INFO)
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -221,7 +233,7 @@ def _in_multirun() -> bool:
 def main(cfg: DictConfig) -> Optional[dict]:
     from hydra.errors import InstantiationException
 
-    logging.basicConfig(level=logging.INFO)
+    setup_logging()
     try:
         set_threads(cfg.get("threads"))
         res = execute(cfg)

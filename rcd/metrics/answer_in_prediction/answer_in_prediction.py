@@ -1,14 +1,15 @@
 """Answer containment (SQuAD normalisation, whole words), max over references, as an ``evaluate`` metric.
 
 Load offline by path: ``evaluate.load("/abs/path/rcd/metrics/answer_in_prediction")`` or
-``rcd.metrics.load_metric("answer_in_prediction")``.  Self-contained on purpose: ``evaluate``
-copies this one file into its module cache, so it must not import the rest of rcd.
+``rcd.metrics.load_metric("answer_in_prediction")``.  The scoring itself is
+:mod:`rcd.metrics` (one normalisation, one F1 for every module); ``evaluate`` copies this file
+into its module cache, from where it imports the installed rcd.
 """
-import re
-import string
 
 import datasets
 import evaluate
+
+from rcd.metrics import answer_in_prediction_score
 
 _DESCRIPTION = """Answer containment ("has_answer" in DPR, accuracy in PopQA and Self-RAG): an example scores 1
 if it is an exact match (SQuAD normalisation) or if any of its references occurs in the
@@ -40,37 +41,6 @@ _CITATION = """@inproceedings{karpukhin2020dense,
   author={Mallen, Alex and Asai, Akari and Zhong, Victor and Das, Rajarshi and Khashabi, Daniel
           and Hajishirzi, Hannaneh},
   booktitle={ACL}, year={2023}}"""
-
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(s):
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def _contains_tokens(pred, ref):
-    if not ref:
-        return not pred
-    n = len(ref)
-    return any(pred[i : i + n] == ref for i in range(len(pred) - n + 1))
-
-
-def _words(s):
-    s = "".join(" " if ch in _PUNCT else ch for ch in s.lower())
-    return _ARTICLES.sub(" ", s).split()
-
-
-def answer_in_prediction_score(prediction, references):
-    pred_n = normalize_answer(prediction)
-    if any(pred_n == normalize_answer(r) for r in references):
-        return 1.0
-    pred = _words(prediction)
-    return float(any(_contains_tokens(pred, _words(r)) for r in references))
-
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class AnswerInPrediction(evaluate.Metric):

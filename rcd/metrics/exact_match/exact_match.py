@@ -1,14 +1,15 @@
 """Exact match (SQuAD normalisation), max over references, as an ``evaluate`` metric.
 
 Load offline by path: ``evaluate.load("/abs/path/rcd/metrics/exact_match")`` or
-``rcd.metrics.load_metric("exact_match")``.  Self-contained on purpose: ``evaluate`` copies
-this one file into its module cache, so it must not import the rest of rcd.
+``rcd.metrics.load_metric("exact_match")``.  The scoring itself is
+:mod:`rcd.metrics` (one normalisation, one F1 for every module); ``evaluate`` copies this file
+into its module cache, from where it imports the installed rcd.
 """
-import re
-import string
 
 import datasets
 import evaluate
+
+from rcd.metrics import exact_match_score
 
 _DESCRIPTION = """Exact match after SQuAD normalisation (lowercase, drop punctuation, drop the
 articles a/an/the, collapse whitespace); an example scores 1 if the prediction matches any of
@@ -31,22 +32,6 @@ _CITATION = """@inproceedings{rajpurkar2016squad,
   title={SQuAD: 100,000+ Questions for Machine Comprehension of Text},
   author={Rajpurkar, Pranav and Zhang, Jian and Lopyrev, Konstantin and Liang, Percy},
   booktitle={EMNLP}, year={2016}}"""
-
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(s):
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def exact_match_score(prediction, references):
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(r) for r in references))
-
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ExactMatch(evaluate.Metric):

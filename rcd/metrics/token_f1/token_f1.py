@@ -1,15 +1,15 @@
 """Token-level F1 (SQuAD normalisation), max over references, as an ``evaluate`` metric.
 
 Load offline by path: ``evaluate.load("/abs/path/rcd/metrics/token_f1")`` or
-``rcd.metrics.load_metric("token_f1")``.  Self-contained on purpose: ``evaluate`` copies
-this one file into its module cache, so it must not import the rest of rcd.
+``rcd.metrics.load_metric("token_f1")``.  The scoring itself is
+:mod:`rcd.metrics` (one normalisation, one F1 for every module); ``evaluate`` copies this file
+into its module cache, from where it imports the installed rcd.
 """
-import re
-import string
-from collections import Counter
 
 import datasets
 import evaluate
+
+from rcd.metrics import token_f1_score
 
 _DESCRIPTION = """Bag-of-tokens F1 between prediction and reference after SQuAD normalisation
 (lowercase, drop punctuation, drop the articles a/an/the, split on whitespace); an example takes
@@ -32,33 +32,6 @@ _CITATION = """@inproceedings{rajpurkar2016squad,
   title={SQuAD: 100,000+ Questions for Machine Comprehension of Text},
   author={Rajpurkar, Pranav and Zhang, Jian and Lopyrev, Konstantin and Liang, Percy},
   booktitle={EMNLP}, year={2016}}"""
-
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(s):
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def _f1(pred_tokens, ref_tokens):
-    if not pred_tokens or not ref_tokens:
-        return float(pred_tokens == ref_tokens)
-    common = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
-    if common == 0:
-        return 0.0
-    precision = common / len(pred_tokens)
-    recall = common / len(ref_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def token_f1_score(prediction, references):
-    pred = normalize_answer(prediction).split()
-    return max(_f1(pred, normalize_answer(r).split()) for r in references)
-
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class TokenF1(evaluate.Metric):
