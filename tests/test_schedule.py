@@ -135,6 +135,7 @@ def test_fire_mask_equals_should_fire_scripted(name):
         lambda: EveryToken(),
         lambda: Sentence().bind(FakeTok()),
         lambda: Sentence(boundary="!", newline=False).bind(FakeTok()),
+        lambda: Sentence(min_tokens=3).bind(FakeTok()),
         lambda: Adaptive(0.3),
         lambda: Adaptive(0.3, fire_at_start=False),
         lambda: Adaptive(1.2, mode="entropy"),
@@ -156,6 +157,21 @@ def test_fire_mask_valid_positions_not_counted():
     m = s.fire_mask(None, torch.zeros(2, 4, dtype=torch.long), valid=valid)
     assert torch.equal(m, valid)
     assert (s.asked, s.fired) == (5, 5)
+
+
+def test_sentence_min_tokens_skips_boundaries_too_soon_after_the_last_firing():
+    # tokens: "." ends a sentence (id 2), "hello" (0) does not; x_{t-1} = tokens[t]
+    seq = torch.tensor([[0, 2, 2, 0, 2, 0, 0, 2, 2, 2]])
+    every = Sentence().bind(FakeTok()).fire_mask(None, seq)[0].tolist()
+    assert [t for t, f in enumerate(every) if f] == [0, 1, 2, 4, 7, 8, 9]
+    # min_tokens=3: fire at t only if t - (last firing) >= 3: 0, then 4 (1, 2 too soon), 7, then not 8, 9
+    s = Sentence(min_tokens=3).bind(FakeTok())
+    assert [t for t, f in enumerate(s.fire_mask(None, seq)[0].tolist()) if f] == [0, 4, 7]
+    s.reset(1)  # per call: a new batch starts from its own step 0
+    got = [bool(s.should_fire(t, None, seq[:, t] if t else None)[0]) for t in range(seq.shape[1])]
+    assert [t for t, f in enumerate(got) if f] == [0, 4, 7]
+    with pytest.raises(ValueError, match="min_tokens"):
+        Sentence(min_tokens=-1)
 
 
 def test_sentence_table_and_tokenizer_variants():
