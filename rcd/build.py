@@ -99,8 +99,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             from rcd.validate import check_config
 
             check_config(cfg, task=False)  # before Ray, any model or datastore starts
-            build_ray.check(cfg)
-            summary = build_ray.build_on_ray(cfg, _build)
+            summary = build_ray.build_on_ray(cfg, _build)  # checks the Ray settings first
         else:
             summary = _build(cfg)
     summary["peak_anon_mib"] = None if mem.peak is None else round(mem.peak, 1)

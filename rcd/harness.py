@@ -36,10 +36,6 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("the lm-eval backend needs lm-eval: pip install rcd[harness]") from e
 
-#: lm-eval passes these itself (--batch_size, --device, ...); they are not rcd config overrides
-_HARNESS_ARGS = ("batch_size", "max_batch_size", "device")
-
-
 def _override(key: str, value: Any) -> str:
     if isinstance(value, bool):
         value = "true" if value else "false"
@@ -58,7 +54,6 @@ class RcdLM(LM):
         from hydra.utils import instantiate
 
         from rcd import strategy as strategy_mod
-        from rcd.engine import from_config
         from rcd.models import load_model
         from rcd.paths import datastore_root
         from rcd.report import compose
@@ -87,10 +82,17 @@ class RcdLM(LM):
         self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if self.prefix_id is None:
             raise ValueError(f"{lm.name}: the tokenizer has neither a BOS nor an EOS token to condition on")
-        plain = self.strategy.is_baseline
-        self._engine = lambda max_new: from_config(lm, None if plain else self.strategy, cfg, task="generate",
-                                                   max_new_tokens=max_new, batch_size=1)
+        self._engines: dict[int, Any] = {}  # max_new_tokens -> Engine (its prompt limit depends on it)
         self._device = lm.device
+
+    def _engine(self, max_new: int):
+        """The strategy's engine for ``max_new`` new tokens, built once per budget."""
+        from rcd.engine import from_config
+
+        if max_new not in self._engines:
+            self._engines[max_new] = from_config(self.lm, None if self.strategy.is_baseline else self.strategy,
+                                                 self.cfg, task="generate", max_new_tokens=max_new, batch_size=1)
+        return self._engines[max_new]
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, text: str) -> list[int]:

@@ -156,16 +156,17 @@ class Gaussian:
 
     def __init__(self, dim: int, block: int = 1_000_000):
         self.dim, self.block = dim, block
+        self._cache = (None, None)  # (block number, its rows): consecutive calls read the same block
 
     def __call__(self, s: int, e: int) -> np.ndarray:
         out = []
         while s < e:
             b = s // self.block
             hi = min(e, (b + 1) * self.block)
-            rng = np.random.default_rng(1000 + b)
-            rows = rng.standard_normal((self.block, self.dim), dtype=np.float32) if not hasattr(self, "_cache") \
-                or self._cache[0] != b else self._cache[1]
-            self._cache = (b, rows)
+            if self._cache[0] != b:
+                rng = np.random.default_rng(1000 + b)
+                self._cache = (b, rng.standard_normal((self.block, self.dim), dtype=np.float32))
+            rows = self._cache[1]
             out.append(rows[s - b * self.block: hi - b * self.block])
             s = hi
         return np.concatenate(out)
@@ -177,7 +178,7 @@ def ondisk_synthetic(args) -> dict:
     from rcd.datastore import ondisk
 
     work = Path(args.work) / "synthetic"
-    path = work / "index" / f"IVF4096_SQfp16-l2-ondisk-{args.keys}.faiss"
+    path = work / "index" / f"IVF4096_SQfp16-l2-ondisk-{args.keys}x{args.dim}.faiss"  # reused only for the same keys and dim
     rec = {"synthetic": True, "keys": args.keys, "dim": args.dim, "index": "IVF4096,SQfp16"}
     if not path.exists() or not ondisk.intact(path):
         shutil.rmtree(work, ignore_errors=True)

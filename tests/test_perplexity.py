@@ -100,5 +100,5 @@ def test_every_heldout_document_is_scored_on_its_own(tmp_path, tiny_lm):
     ids0 = tiny_lm.tokenizer(texts[0], add_special_tokens=False)["input_ids"][:20]
     assert docs[0]["ids"].tolist() == ids0
     # prompts come from the evaluated documents, after the scored text, round-robin
-    assert prompts_from(ds, docs, 2) == ["Whether 'tis nobler in the mind to suffer the slings\n",
+    assert prompts_from(docs, 2) == ["Whether 'tis nobler in the mind to suffer the slings\n",
                                          "Made glorious summer by this sun of York;\n"]

@@ -130,13 +130,16 @@ def build(rows: Callable[[int, int], np.ndarray], trained_index, path: Path, blo
 
 
 def intact(path: Path) -> bool:
-    """Whether the index and its lists match the sizes and sampled checksums recorded when written."""
+    """Whether the index (the in-memory index's check) and its lists match the sizes and sampled
+    checksums recorded when written."""
+    from rcd.datastore.index import _index_intact
+
+    if not _index_intact(path):
+        return False
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
         data = path.with_suffix(".ivfdata")
-        return (meta.get("bytes") == path.stat().st_size and meta.get("sampled") == sampled_sha1(path)
-                and meta.get("ivfdata_bytes") == data.stat().st_size
-                and meta.get("ivfdata_sampled") == sampled_sha1(data))
+        return meta.get("ivfdata_bytes") == data.stat().st_size and meta.get("ivfdata_sampled") == sampled_sha1(data)
     except (OSError, ValueError):
         return False
 

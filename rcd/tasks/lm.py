@@ -84,7 +84,7 @@ def heldout_docs(lm, heldout_ds, eval_tokens, prefix_token: Optional[str] = None
     """The held-out documents to score, each ``{id, ids, offset_chars}``: its first tokens by
     :func:`token_budget`, each document scored on its own (the first token is context only, unless
     ``prefix_token`` puts the BOS/EOS id before it, as lm-eval-harness's rolling log-likelihood does);
-    ``offset_chars``: where the scored text ends in the document. Documents left with < 2 ids are skipped."""
+    ``offset_chars``: where the scored text ends in ``text``. Documents left with < 2 ids are skipped."""
     texts = list(heldout_ds["text"])
     ids_ids = list(heldout_ds["id"]) if "id" in heldout_ds.column_names else [str(i) for i in range(len(texts))]
     enc = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -95,20 +95,20 @@ def heldout_docs(lm, heldout_ds, eval_tokens, prefix_token: Optional[str] = None
         ids = ([pid] if pid is not None else []) + e[:n]
         if len(ids) < 2:
             continue
-        out.append({"id": str(doc_id), "ids": torch.tensor(ids), "offset_chars": len(lm.tokenizer.decode(e[:n]))})
+        out.append({"id": str(doc_id), "text": text, "ids": torch.tensor(ids),
+                    "offset_chars": len(lm.tokenizer.decode(e[:n]))})
     if not out:
         raise ValueError("the held-out text is empty: choose another held-out set (corpus.heldout)")
     return out
 
 
-def prompts_from(heldout_ds, docs: list[dict], num: int, min_chars: int = 20) -> list[str]:
-    """``num`` generation prompts from the evaluated documents, round-robin over them: the next line of at
-    least ``min_chars`` characters after each document's scored text (its first such line if none follows)."""
-    texts = {str(i): t for i, t in zip(list(heldout_ds["id"]) if "id" in heldout_ds.column_names
-                                       else [str(i) for i in range(len(heldout_ds))], heldout_ds["text"])}
+def prompts_from(docs: list[dict], num: int, min_chars: int = 20) -> list[str]:
+    """``num`` generation prompts from the evaluated documents (:func:`heldout_docs`), round-robin over them:
+    the next line of at least ``min_chars`` characters after each document's scored text (its first such
+    line if none follows)."""
     pools = []
     for d in docs:
-        text = texts[d["id"]]
+        text = d["text"]
         after = [ln.strip() for ln in text[d["offset_chars"]:].splitlines()[1:] if len(ln.strip()) >= min_chars]
         pools.append(after or [ln.strip() for ln in text.splitlines() if len(ln.strip()) >= min_chars])
     out, k = [], 0
@@ -136,7 +136,7 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
         metrics["schedule"] = strategy.schedule.stats()
     prompts = []
     if t.get("generate", True):  # task.prompts, or lines of the evaluated documents (prompts_from)
-        prompts = list(t.prompts) if t.get("prompts") else prompts_from(heldout_ds, docs, int(t.get("num_prompts", 2)))
+        prompts = list(t.prompts) if t.get("prompts") else prompts_from(docs, int(t.get("num_prompts", 2)))
     gens = {}
     policy = t.get("long_prompt", "drop_passages")
     if prompts:
