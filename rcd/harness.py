@@ -104,8 +104,7 @@ class RcdLM(LM):
 
         from rcd.tasks.perplexity import score
 
-        res = score(self.lm, torch.tensor(ids), self.strategy.control, self.strategy.schedule,
-                    window=self.window, stride=self.stride)
+        res = score(self.lm, torch.tensor(ids), window=self.window, stride=self.stride, engine=self._engine(1))
         return res.nll if res.nll is not None else res.nll_none
 
     def _greedy(self, context_ids: list[int], context: str, continuation_ids: list[int]) -> bool:

@@ -943,27 +943,33 @@ def render_paper(source: str, base: Path, values: dict[str, str], missing: Optio
 
 
 # =========================================================================== Figure 1 task
-class _NeighbourRecorder:
-    """Wraps a :class:`~rcd.control.knn.KNNInterpolation`: searches k_max neighbours per scored row,
-    keeps them (CPU), and applies the control with its own first k."""
+def _neighbour_recorder(control, k_max: int):
+    """A :class:`~rcd.control.knn.KNNInterpolation` like ``control`` that searches k_max neighbours per
+    scored row, keeps them (CPU), and applies the control with its own first k."""
+    from rcd.control.knn import KNNInterpolation
+    from rcd.datastore.tokens import Neighbours
 
-    def __init__(self, control, k_max: int):
-        self.control, self.k_max = control, int(k_max)
-        self.scores: list = []
-        self.tokens: list = []
+    class NeighbourRecorder(KNNInterpolation):
+        def __init__(self):
+            super().__init__(k=control.k, lmbda=control.lmbda, temperature=control.temperature,
+                             datastore=control.datastore)
+            self.k_max = int(k_max)
+            self.scores: list = []
+            self.tokens: list = []
+            self.metric = "l2"
 
-    def apply(self, scores, *, input_ids=None, hidden=None, fire=None, **_):
-        from rcd.datastore.tokens import Neighbours
+        def apply(self, scores, *, input_ids=None, hidden=None, fire=None, **_):
+            if fire is not None and not bool(fire.all()):
+                raise ValueError("lm_knn_grid needs retrieval at every token (schedule every_token)")
+            nb = self.datastore.search(hidden, self.k_max)
+            self.scores.append(nb.scores.cpu())
+            self.tokens.append(nb.tokens.cpu())
+            own = Neighbours(scores=nb.scores[:, :self.k], ids=nb.ids[:, :self.k], tokens=nb.tokens[:, :self.k],
+                             metric=nb.metric)
+            self.metric = nb.metric
+            return super().apply(scores, hidden=hidden, fire=None, neighbours=own)
 
-        if fire is not None and not bool(fire.all()):
-            raise ValueError("lm_knn_grid needs retrieval at every token (schedule every_token)")
-        nb = self.control.datastore.search(hidden, self.k_max)
-        self.scores.append(nb.scores.cpu())
-        self.tokens.append(nb.tokens.cpu())
-        k = self.control.k
-        own = Neighbours(scores=nb.scores[:, :k], ids=nb.ids[:, :k], tokens=nb.tokens[:, :k], metric=nb.metric)
-        self.metric = nb.metric
-        return self.control.apply(scores, hidden=hidden, fire=None, neighbours=own)
+    return NeighbourRecorder()
 
 
 def knn_grid_nll(nll_lm, scores, tokens, targets, ks, lmbdas, temperature: float, metric: str = "l2") -> dict:
@@ -1011,7 +1017,7 @@ def lm_knn_grid(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     lmbdas = sorted({float(x) for x in t.grid_lmbdas})
     if not ks or min(ks) < 1 or not lmbdas or not all(0.0 <= x < 1.0 for x in lmbdas):
         raise ValueError(f"lm_knn_grid: grid_ks must be >= 1 and grid_lmbdas in [0, 1), got {ks} and {lmbdas}")
-    rec = _NeighbourRecorder(ctl, max(ks + [ctl.k]))
+    rec = _neighbour_recorder(ctl, max(ks + [ctl.k]))
     docs = lm_task.heldout_docs(lm, heldout_ds, t.eval_tokens, t.get("prefix_token"))
     ppl = perplexity.PerplexityResult.pool([perplexity.score(lm, d["ids"], rec, None, window=t.window, stride=t.stride)
                                            for d in docs])

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import LogitsProcessor
@@ -31,7 +30,7 @@ class Strategy:
     schedule: Any = None
     #: ``strategy.retrieval`` of the config (k, query, query_tokens, tag_format) for rcd.engine
     retrieval: dict = field(default_factory=dict)
-    #: the rcd.engine.Engine that runs controls which need more than a logits processor
+    #: the rcd.engine.Engine that runs this strategy (generation, QA, scoring); None for the plain model
     engine: Any = None
 
     @property
@@ -39,36 +38,8 @@ class Strategy:
         return self.control is None
 
     def processor(self) -> Optional[LogitsProcessor]:
-        """The LogitsProcessor for ``model.generate`` (schedule applied per step)."""
-        if self.control is None:
-            return None
-        if self.engine is not None and self.engine.kind != "logits":
-            return self.engine.processor()  # context / REPLUG / tags / inject: the engine computes the scores
-        if self.schedule is None or getattr(self.schedule, "name", "") == "every_token":
-            return self.control
-        return ScheduledControl(self.control, self.schedule)
-
-
-class ScheduledControl(LogitsProcessor):
-    """Asks the schedule at each generation step which rows fire, then applies the control there."""
-
-    def __init__(self, control, schedule):
-        self.control, self.schedule = control, schedule
-        self.prompt_len = None
-
-    def bind(self, **kwargs) -> "ScheduledControl":
-        self.control.bind(**kwargs)
-        return self
-
-    def __call__(self, input_ids, scores):
-        if self.prompt_len is None:
-            self.prompt_len = input_ids.shape[1]
-            self.schedule.reset(input_ids.shape[0])
-        step = input_ids.shape[1] - self.prompt_len
-        probs = torch.softmax(scores.float(), -1) if self.schedule.needs_probs else None
-        last = input_ids[:, -1] if step > 0 else None
-        fire = self.schedule.should_fire(step, probs, last)
-        return self.control.apply(scores, input_ids=input_ids, hidden=self.control.current_hidden(), fire=fire)
+        """The LogitsProcessor for ``model.generate`` (:func:`rcd.engine.processor_for`; None: plain)."""
+        return None if self.engine is None else self.engine.processor()
 
 
 def call_target(node: DictConfig, **runtime):
@@ -98,6 +69,12 @@ def validate(cfg: DictConfig) -> None:
     if ds is None:
         raise StrategyError(f"strategy {strat.get('name')!r} has a control but no datastore: add datastore=<unit>")
     cls = get_class(control["_target_"])
+    from rcd.control.base import ControlError, check_protocol
+
+    try:
+        check_protocol(cls)
+    except ControlError as e:
+        raise StrategyError(f"strategy.control._target_={control['_target_']}: {e}") from None
     accepts = tuple(getattr(cls, "accepts_units", ()))
     unit = ds.get("unit")
     if accepts and unit not in accepts:
@@ -137,9 +114,7 @@ def build(cfg: DictConfig, lm, corpus_ds=None, corpus_name: str = "corpus", data
     retrieval = _section(cfg, "strategy.retrieval")
     strat = Strategy(name=name, datastore=datastore, control=control, schedule=schedule,
                      retrieval=OmegaConf.to_container(retrieval, resolve=True) if retrieval is not None else {})
-    from rcd.engine import control_kind, from_config
+    from rcd.engine import from_config
 
-    if control_kind(control) != "logits":
-        strat.engine = from_config(lm, strat, cfg, task=str(OmegaConf.select(cfg, "task.name") or "generate"))
-        control.engine = strat.engine  # lets rcd.tasks.perplexity.score (given the control) reach the engine
+    strat.engine = from_config(lm, strat, cfg, task=str(OmegaConf.select(cfg, "task.name") or "generate"))
     return strat

@@ -356,9 +356,9 @@ def measure_engine(engine, reqs: list, new_tokens: int, repeats: int = 1, warmup
         timers = {"prefill": Timed(engine, "prefill", size=lambda seqs, *a, **k: sum(len(s) for s in seqs),
                                    sync=sync_fn),
                   "step": Timed(engine, "step", sync=sync_fn)}
-        if engine.datastore is not None and engine.kind not in ("knn_attention",):
+        if engine.datastore is not None and not (engine.control is not None and engine.control.acts_in_forward):
             timers["search"] = Timed(engine.datastore, "search")
-        if engine.kind == "latent_kv":
+        if hasattr(engine.control, "prefix"):  # an injected KV prefix (latent_kv)
             timers["kv"] = Timed(engine.control, "prefix", sync=sync_fn)
         for t in timers.values():
             t.__enter__()
@@ -434,7 +434,7 @@ def bench_presets(lm, presets: Sequence[str], batches: Sequence[int], new_tokens
             m = measure_engine(engine, prompts(b), new_tokens, repeats, warmup=warmup)
             r = compare(m, base[b])
             row = {"preset": preset, "batch": b, "new_tokens": new_tokens, "overrides": overrides,
-                   "control": engine.kind, "schedule": getattr(engine.schedule, "name", None),
+                   "control": engine.control_name, "schedule": getattr(engine.schedule, "name", None),
                    "k": engine.k, "retriever": ds.get("retriever") or cfg.datastore.get("retriever"),
                    "datastore_size": ds.get("size"), "datastore_load_s": load_s, **_public(m),
                    "none": _public(base[b]), "ratio": {kk: r[kk] for kk in ("wall", "tokens_per_s", "ttft")},

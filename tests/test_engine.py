@@ -11,7 +11,7 @@ import torch
 from rcd.control.context import ContextControl, Passage, PromptTemplate
 from rcd.control.knn import KNNInterpolation
 from rcd.control.replug import ReplugEnsemble
-from rcd.engine import Engine, EngineError, Request, control_kind
+from rcd.engine import Engine, EngineError, Request
 from rcd.schedule import Adaptive, EveryN, Once, Sentence
 from rcd.strategy import Strategy
 from rcd.tasks.perplexity import score
@@ -188,7 +188,7 @@ def test_replug_with_one_document_equals_context(tiny_lm):
     t1, t2 = [], []
     a = Engine(tiny_lm, ctx_strategy(EveryN(4)), k=1, max_new_tokens=9, stop_at_eos=False, trace=t1).generate(PROMPTS)
     st = Strategy("replug", datastore=FakeChunks(DOCS), control=ReplugEnsemble(), schedule=EveryN(4))
-    assert control_kind(st.control) == "replug"
+    assert st.control.views(3) == 3 and st.control.rebuilds_prompt
     b = Engine(tiny_lm, st, k=1, max_new_tokens=9, stop_at_eos=False, trace=t2).generate(PROMPTS)
     assert a.token_ids == b.token_ids
     for r1, r2 in zip(t1, t2):
@@ -265,8 +265,7 @@ def test_context_perplexity_is_the_nll_with_passages_prepended(tiny_lm):
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     st = ctx_strategy(EveryN(10))
     eng = Engine(tiny_lm, st, k=1, query_tokens=4)
-    st.control.engine = eng
-    res = score(tiny_lm, ids, st.control, st.schedule, window=64, stride=32)  # routed to the engine
+    res = score(tiny_lm, ids, window=64, stride=32, engine=eng)  # the one scorer
     n = len(ids)
     # fires at 0, 10, 20, 30; the step-0 query would hold 1 token < min(16, query_tokens=4): moved to position 3
     assert res.extra["fire_positions"] == [3, 10, 20, 30] and res.nll.shape == (n - 1,)

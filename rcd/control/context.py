@@ -16,16 +16,21 @@ baseline and the retrieval run read the same instruction. Each passage is format
 ``passage.format(text=..., doc_id=..., rank=..., score=...)``; ``max_passage_chars`` cuts long
 passages (at a word boundary) before formatting.
 
-:class:`ContextControl` is the control object of ``strategy/control=context``: the decoding
-engine (:mod:`rcd.engine`) owns the KV cache, and when the schedule fires it renders the new
-prompt with the control's template and re-prefills it together with the tokens generated so far
-(In-Context RALM / FLARE). The control only says *how* the text is assembled: its template
-fields override the task's template (``task.template``), field by field.
+:class:`ContextControl` is the control object of ``strategy/control=context``: when the schedule
+fires it keeps the retrieved passages (``rebuilds_prompt``), and the engine (:mod:`rcd.engine`),
+which owns the KV cache, renders the new prompt with them and re-prefills it together with the
+tokens generated so far (In-Context RALM / FLARE). Scoring a text puts the passages retrieved at
+each firing position before the text that follows it. Its template fields override the task's
+template (``task.template``), field by field.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Sequence
+
+import torch
+
+from rcd.control.base import Control
 
 CHAT_MODES = ("auto", "always", "never")
 
@@ -123,7 +128,7 @@ class PromptTemplate:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-class ContextControl:
+class ContextControl(Control):
     """how = context: the prompt becomes template(passages, prompt) + tokens generated so far.
 
     ``template``: fields of :class:`PromptTemplate` that override the task's template (e.g.
@@ -131,8 +136,9 @@ class ContextControl:
     passages (None: all ``k``). Re-prefill and the KV cache belong to :class:`rcd.engine.Engine`.
     """
 
-    kind = "context"
+    name = "context"
     accepts_units: tuple[str, ...] = ("chunks", "latent")
+    rebuilds_prompt = True
 
     def __init__(self, template: Optional[dict] = None, max_passages: Optional[int] = None) -> None:
         if max_passages is not None and int(max_passages) < 1:
@@ -142,16 +148,26 @@ class ContextControl:
         self.max_passages = None if max_passages is None else int(max_passages)
         self.datastore = None
 
-    def bind(self, datastore=None, **_: Any) -> "ContextControl":
-        if datastore is not None:
-            self.datastore = datastore
-        return self
-
     def template(self, base: PromptTemplate) -> PromptTemplate:
         return base.updated(self.template_overrides)
 
     def select(self, passages: Sequence[Passage]) -> list[Passage]:
         return list(passages if self.max_passages is None else passages[: self.max_passages])
+
+    def prompt_passages(self, run, row: int) -> list[Sequence[Passage]]:
+        return [self.select(run.passages[row])]
+
+    def score_after(self, scorer) -> torch.Tensor:
+        """Each position after a firing position reads the passages retrieved there, then the text
+        (the passages take at most half the window)."""
+        e = scorer.engine
+        segs = scorer.segments()
+        views = [{"a": a, "b": b, "prefix": e.encode(scorer.template.block(self.select(ps)))[: scorer.window // 2]}
+                 for a, b, ps in segs]
+        nll = scorer.nll_none.clone()
+        for v, lp in zip(views, scorer.view_logprobs(views)):
+            nll[v["a"]:v["b"]] = -lp
+        return nll
 
     def __repr__(self) -> str:
         return f"ContextControl(template={self.template_overrides}, max_passages={self.max_passages})"

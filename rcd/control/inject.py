@@ -37,7 +37,7 @@
     Memorizing Transformer attends to memories per head with learned gates; here the gate is a
     fixed scalar and attention happens on the hidden state the memories were keyed by
     (the same space, no projections), which keeps the hook generic across architectures. Which
-    rows/positions are active is set by the engine from the schedule (``active``).
+    rows/positions are active is set by the engine from the schedule (``before_forward``).
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from rcd.control.base import Control
 from rcd.errors import RcdError
 from rcd.hooks import resolve_layer
 
@@ -88,11 +89,12 @@ def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))
 
 
-class KVInjection:
+class KVInjection(Control):
     """how = inject (KV prefix): cache = [chunk KVs (positions per ``positions``)] + prompt + generation."""
 
-    kind = "latent_kv"
+    name = "latent_kv"
     accepts_units: tuple[str, ...] = ("latent",)
+    rebuilds_prompt = True
 
     def __init__(self, positions: str = "shift", max_prefix_tokens: Optional[int] = None) -> None:
         if positions not in POSITIONS:
@@ -114,7 +116,7 @@ class KVInjection:
                               "strategy/control=knn_attention (memories) or context (chunk text)")
 
     def bind(self, datastore=None, **_: Any) -> "KVInjection":
-        if datastore is not None:
+        if datastore is not None and datastore is not self.datastore:
             if not hasattr(datastore, "kv"):
                 raise InjectError(f"KVInjection needs a latent datastore with KV caches (datastore=latent); "
                                   f"got {type(datastore).__name__}")
@@ -125,6 +127,33 @@ class KVInjection:
                                   "strategy/control=knn_attention or context")
             self.datastore = datastore
         return self
+
+    # ------------------------------------------------------------------ engine protocol
+    def prepare(self, lm, eos_ids) -> None:
+        self.check(lm.model)  # fails at start-up when the model cannot take the injection
+
+    def kv_prefix(self, run, rows: Sequence[int], cost: dict):
+        """The retrieved chunks' KV caches of ``rows`` as the cache prefix (None: no row has one)."""
+        ids = [[p.id for p in run.passages[b] if p.id >= 0] for b in rows]
+        if not any(ids):
+            return None
+        return self.prefix(run.engine.lm, ids, cost)
+
+    def score_after(self, scorer) -> torch.Tensor:
+        """Each position after a firing position reads the retrieved chunks' KV, then the text."""
+        views = []
+        for a, b, ps in scorer.segments():
+            chunk_ids = [q.id for q in ps]
+            plen = self.prefix_length(chunk_ids)
+            if plen > scorer.window // 2:
+                raise InjectError(f"the injected chunks hold {plen} tokens, more than half the scoring window "
+                                  f"({scorer.window}); lower retrieval k or raise task.window")
+            views.append({"a": a, "b": b, "kv": chunk_ids, "room": scorer.window - plen})
+        lm = scorer.engine.lm
+        nll = scorer.nll_none.clone()
+        for v, lp in zip(views, scorer.view_logprobs(views, kv_prefix=lambda rows, cost: self.prefix(lm, rows, cost))):
+            nll[v["a"]:v["b"]] = -lp
+        return nll
 
     # ------------------------------------------------------------------ positions
     def check(self, model) -> None:
@@ -240,11 +269,13 @@ class KVInjection:
         return f"KVInjection(positions={self.positions!r}, max_prefix_tokens={self.max_prefix_tokens})"
 
 
-class KNNAttention:
+class KNNAttention(Control):
     """how = inject (memories): h ← (1-g)·h + g·Σ_i softmax(s/τ)_i v_i at one block's output (module doc)."""
 
-    kind = "knn_attention"
+    name = "knn_attention"
     accepts_units: tuple[str, ...] = ("latent",)
+    retrieves_itself = True
+    acts_in_forward = True
 
     def __init__(self, k: int = 8, gate: float = 0.2, temperature: Optional[float] = None,
                  layer: Optional[Any] = None) -> None:
@@ -273,7 +304,7 @@ class KNNAttention:
                               "strategy/control=latent_kv (KV caches) or context (chunk text)")
 
     def bind(self, datastore=None, **_: Any) -> "KNNAttention":
-        if datastore is not None:
+        if datastore is not None and datastore is not self.datastore:
             if not hasattr(datastore, "search_memories"):
                 raise InjectError(f"KNNAttention needs a latent datastore with memories (datastore=latent); got "
                                   f"{type(datastore).__name__}")
@@ -299,12 +330,43 @@ class KNNAttention:
     def check(self, model) -> None:
         self._module, self._kind = resolve_layer(model, self.memory_layer())
 
+    # ------------------------------------------------------------------ engine protocol
+    def prepare(self, lm, eos_ids) -> None:
+        self.check(lm.model)
+
+    def before_forward(self, firing: Optional[torch.Tensor]) -> None:
+        self.active = firing
+
+    def score_after(self, scorer) -> torch.Tensor:
+        """A second pass over the windows with the memories on at the firing positions."""
+        from rcd.engine.scoring import windows
+
+        fire_set = set(scorer.fires)
+        model, ids, nll = scorer.engine.model, scorer.ids, scorer.nll_none.clone()
+        self.attach(model, scorer)
+        try:
+            for begin, end, first in windows(scorer.n, scorer.window, scorer.stride):
+                self.active = torch.tensor([[p in fire_set for p in range(begin, end)]])
+                t0 = time.perf_counter()
+                logits = model(input_ids=ids[begin:end].view(1, -1), use_cache=False).logits[0].float()
+                scorer.cost["model_s"] += time.perf_counter() - t0
+                lp = torch.log_softmax(logits[first - begin:end - 1 - begin], -1)
+                nll[first:end - 1] = -lp.gather(1, ids[first + 1:end].view(-1, 1)).squeeze(1).double().cpu()
+        finally:
+            self.detach()
+        return nll
+
     # ------------------------------------------------------------------ hook
-    def attach(self, model, on_retrieval: Optional[Callable] = None) -> "KNNAttention":
+    def attach(self, model, run=None, on_retrieval: Optional[Callable] = None) -> "KNNAttention":
+        """Hook the memory layer; each search reports to ``on_retrieval(mask, ids, scores, seconds)``, by
+        default the run's (its time, and generation provenance)."""
         if self.datastore is None:
             raise InjectError("KNNAttention is unbound: bind(datastore=<latent datastore>)")
         self.detach()
         self._module, self._kind = resolve_layer(model, self.memory_layer())
+        if on_retrieval is None and run is not None:
+            on_retrieval = getattr(run, "on_memory_retrieval", None) or (
+                lambda mask, ids, scores, sec: run.cost.__setitem__("retrieval_s", run.cost["retrieval_s"] + sec))
         self._on_retrieval = on_retrieval
         if self._kind == "pre":
             self._handle = self._module.register_forward_pre_hook(self._pre)

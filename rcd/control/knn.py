@@ -7,12 +7,18 @@ with q the query hidden state, d_i the (squared L2) distance to neighbour i, v_i
 and T a temperature. For ``metric=ip`` the neighbour weights are softmax(s_i / T) of the inner
 products. Mixing is done in log space: log p = logaddexp(log(1-λ) + log p_LM, log λ + log p_kNN).
 
+The query is the hidden state at the datastore's key layer (its manifest's ``layer``: ``final``,
+the LM head's input, or a block index), captured by a forward hook the control owns: the engine
+attaches it around its forwards; inside a user's own ``model.generate`` use
+``with knn.attached(model): model.generate(..., logits_processor=[knn])``.
+
 Note the temperature: squared L2 distances between SmolLM2's final hidden states are ~300, so
 T = 1 puts all mass on the single nearest neighbour; T ≈ 100 spreads it over the k neighbours.
 """
 from __future__ import annotations
 
 import math
+import time
 from typing import Optional
 
 import torch
@@ -43,7 +49,9 @@ def interpolate(lm_log_probs: torch.Tensor, knn_lp: torch.Tensor, lmbda: float) 
 class KNNInterpolation(LogitsControl):
     """p = (1-λ)·p_LM + λ·p_kNN over the k nearest token-datastore entries of the query state."""
 
+    name = "knn"
     accepts_units = ("tokens",)
+    retrieves_itself = True
 
     def __init__(self, k: int = 256, lmbda: float = 0.1, temperature: float = 100.0, datastore=None, capture=None):
         if k < 1:
@@ -58,12 +66,63 @@ class KNNInterpolation(LogitsControl):
         self.capture = capture
         self.last_neighbours = None
 
-    def bind(self, datastore=None, capture=None) -> "KNNInterpolation":
+    def bind(self, datastore=None, capture=None, **_) -> "KNNInterpolation":
         if datastore is not None:
             self.datastore = datastore
         if capture is not None:
             self.capture = capture
         return self
+
+    # ------------------------------------------------------------------ engine protocol
+    def key_layer(self):
+        """The layer the datastore's keys come from (``final`` unless its manifest says otherwise)."""
+        manifest = getattr(self.datastore, "manifest", None) or {}
+        layer = manifest.get("layer")
+        return "final" if layer in (None, "final", "lm_head") else int(layer)
+
+    def prepare(self, lm, eos_ids) -> None:
+        from rcd.hooks import resolve_layer
+
+        resolve_layer(lm.model, self.key_layer())  # a layer the model lacks fails at start-up
+
+    def attach(self, model, run=None) -> "KNNInterpolation":
+        """Capture the query states at the key layer during the next forwards."""
+        from rcd.hooks import HiddenCapture
+
+        self.detach()
+        cap = self.capture
+        if not isinstance(cap, HiddenCapture) or cap.model is not model or cap.layer != self.key_layer():
+            cap = HiddenCapture(model, self.key_layer())
+        self.capture = cap.attach()
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        if getattr(self, "_attached", False):
+            self.capture.detach()
+            self._attached = False
+
+    def logprobs(self, run, logits: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.apply(logits, input_ids=None, hidden=self.current_hidden(), fire=fire.to(logits.device))
+        run.cost["retrieval_s"] += time.perf_counter() - t0
+        nb = self.last_neighbours
+        if nb is not None and bool(fire.any()):
+            rows = [b for b in range(run.B) if bool(fire[b])]
+            for j, b in enumerate(rows[: nb.ids.shape[0]]):
+                run.record(b, ids=nb.ids[j, :8].tolist(), scores=nb.scores[j, :8].tolist(),
+                           tokens=nb.tokens[j, :8].tolist())
+            self.last_neighbours = None
+        return out
+
+    def score_window(self, scorer, win) -> torch.Tensor:
+        """The kNN mixture at the window's firing positions, queried with the captured states."""
+        hidden = self.capture.hidden[0][win.first - win.begin:win.end - 1 - win.begin]
+        fire = torch.zeros(win.end - 1 - win.first, dtype=torch.bool)
+        fire[[p - win.first for p in win.fires]] = True
+        lp = self.apply(win.logits, input_ids=None, hidden=hidden,
+                        fire=None if bool(fire.all()) else fire.to(win.logits.device))
+        return -lp.gather(1, win.targets.view(-1, 1)).squeeze(1).double().cpu()
 
     def apply(self, scores: torch.Tensor, *, input_ids=None, hidden: Optional[torch.Tensor] = None,
               fire: Optional[torch.Tensor] = None, neighbours=None, **_) -> torch.Tensor:

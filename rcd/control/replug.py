@@ -7,6 +7,10 @@ retrieval scores s_d:
     p'(v) = Σ_d λ_d · p_d(v),   λ = softmax(s / τ)
 
 computed in log space as log p' = logsumexp_d(log λ_d + log p_d) (numerically stable).
+
+In the engine REPLUG reads one *view* per retrieved document (document d + prompt + tokens so
+far, ``views(k) = k``); every step runs all views and mixes them. Scoring a text mixes the target
+probabilities of each document's view the same way.
 """
 from __future__ import annotations
 
@@ -48,7 +52,9 @@ class ReplugEnsemble(LogitsControl):
     :meth:`set_evidence`. ``doc_logprobs`` may be logits; they are log-softmax-normalised.
     """
 
+    name = "replug"
     accepts_units = ("chunks",)
+    rebuilds_prompt = True
 
     def __init__(self, temperature: float = 1.0, doc_logprobs_fn: Optional[DocLogprobsFn] = None) -> None:
         if not temperature > 0:
@@ -109,3 +115,35 @@ class ReplugEnsemble(LogitsControl):
         doc_lp = F.log_softmax(doc_logprobs.to(device=base.device, dtype=base.dtype), dim=-1)
         mixed = replug_mix(doc_lp, doc_scores.to(base.device), self.temperature)
         return masked_rows(mixed, base, fire)
+
+    # ------------------------------------------------------------------ engine protocol
+    def views(self, k: int) -> int:
+        return int(k)
+
+    def prompt_passages(self, run, row: int) -> list[list]:
+        ps = run.passages[row]
+        return [[ps[v]] if v < len(ps) else [] for v in range(run.V)]
+
+    def logprobs(self, run, logits: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
+        doc = logits.view(run.B, run.V, -1)
+        return self.apply(doc[:, 0], doc_logprobs=doc, doc_scores=run.doc_scores().to(doc.device))
+
+    def score_window(self, scorer, win):
+        return None  # the views are scored after the plain pass (score_after)
+
+    def score_after(self, scorer) -> torch.Tensor:
+        """Each position after a firing position: Σ_d softmax(s/τ)_d · p(x | document d + text)."""
+        e = scorer.engine
+        segs = scorer.segments()
+        views, owner = [], []
+        for si, (a, b, ps) in enumerate(segs):
+            for p in ps[: e.k]:
+                views.append({"a": a, "b": b, "prefix": e.encode(scorer.template.block([p]))[: scorer.window // 2]})
+                owner.append(si)
+        lps = scorer.view_logprobs(views)
+        nll = scorer.nll_none.clone()
+        for si, (a, b, ps) in enumerate(segs):
+            doc_lp = torch.stack([lp for lp, o in zip(lps, owner) if o == si], 1).unsqueeze(-1)  # [b-a, D, 1]
+            sc = torch.tensor([[q.score for q in ps[: e.k]]] * (b - a), dtype=torch.float64)
+            nll[a:b] = -replug_mix(doc_lp, sc, self.temperature).squeeze(-1)
+        return nll

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from rcd.control.base import LogitsControl, masked_rows
+from rcd.control.base import ControlError, LogitsControl, masked_rows
 
 
 class _RowIndex:
@@ -52,6 +52,7 @@ class _RowIndex:
 class SpanFilter(LogitsControl):
     """log p'(v) = log p(v) - log Σ_{u∈A} p(u) for v ∈ A (allowed set, see module doc), -inf otherwise."""
 
+    name = "span"
     accepts_units = ("chunks",)
 
     def __init__(self, eos_token_id: int | Sequence[int], allow_eos: bool = True) -> None:
@@ -72,11 +73,32 @@ class SpanFilter(LogitsControl):
         seen at the next :meth:`apply` (the prompt length when set before ``generate``).
         """
         self.rows = [None if ev is None else _RowIndex(ev) for ev in evidence]
-        self.start = start
+        self.start = self._start_given = start
 
     def reset(self, start: Optional[int] = None) -> None:
         """Keep the evidence, start a new answer at ``start`` (``None``: next apply)."""
         self.start = start
+
+    def reset_call(self) -> None:
+        """A new ``model.generate`` call: the answer / continuation starts again where set_evidence said
+        (``start=None``: at the new call's prompt length)."""
+        self.start = getattr(self, "_start_given", None)
+
+    # ------------------------------------------------------------------ engine protocol
+    def prepare(self, lm, eos_ids) -> None:
+        if self.eos == [-1]:  # the config's placeholder: the model's eos tokens
+            self.eos = sorted(int(e) for e in eos_ids)
+
+    def take(self, run, rows: list[int], hits) -> None:
+        """The retrieved passages' token ids are the evidence of each firing row; the answer starts
+        at the row's first generated token."""
+        super().take(run, rows, hits)
+        self.set_evidence([[run.engine.encode(p.text) for p in ps] if run.has_evidence[b] else None
+                           for b, ps in enumerate(run.passages)], start=0)
+
+    def score_window(self, scorer, win):
+        raise ControlError("the span filter is a hard mask for extractive answers: the perplexity of text outside "
+                           "the evidence is infinite. Use it on a QA task, or choose control=context|replug|tag_bias")
 
     def allowed(self, row: int, answer: Sequence[int]) -> list[int]:
         """Sorted allowed next-token ids for evidence row ``row`` after ``answer`` (None row: [])."""

@@ -8,6 +8,10 @@ token v is the summed weight of the tags that *start* with v:
 With ``continuation=True`` a tag already begun in the generated text also pulls its next
 token: when the last j tokens generated since the evidence was set equal tag_k[:j]
 (1 ≤ j < len(tag_k), longest such j per tag), w_k is added to the bias of tag_k[j].
+
+In the engine the tags retrieved when the schedule fires become the row's evidence
+(:meth:`TagBias.take`) and bias every later step of that row; scoring a text biases the plain
+logits of the positions after each firing position (no continuation: nothing was generated).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from rcd.control.base import LogitsControl, masked_rows
 class TagBias(LogitsControl):
     """p'(v) ∝ p(v) · exp(β · (b_v + c_v)): b from tags' first tokens, c from begun tags (optional)."""
 
+    name = "tags"
     accepts_units = ("tags",)
 
     def __init__(self, beta: float = 1.0, vocab_size: Optional[int] = None, continuation: bool = False) -> None:
@@ -50,7 +55,7 @@ class TagBias(LogitsControl):
                 raise ValueError(f"TagBias: row {r} has {len(row_tags)} tags but {len(row_w)} weights")
             tags.append([(list(map(int, t)), float(w)) for t, w in zip(row_tags, row_w) if len(t) > 0])
         self.tags = tags
-        self.start = start
+        self.start = self._start_given = start
         self.bias = None
         if self.vocab_size is not None:
             self.bias = self._build(self.vocab_size, torch.device("cpu"))
@@ -58,6 +63,23 @@ class TagBias(LogitsControl):
     def reset(self, start: Optional[int] = None) -> None:
         """Keep the tags, restart continuation matching at ``start`` (``None``: next apply)."""
         self.start = start
+
+    def reset_call(self) -> None:
+        """A new ``model.generate`` call: the answer / continuation starts again where set_evidence said
+        (``start=None``: at the new call's prompt length)."""
+        self.start = getattr(self, "_start_given", None)
+
+    # ------------------------------------------------------------------ engine protocol
+    def begin(self, run) -> None:
+        self._rows: list[list[tuple[list[int], float]]] = [[] for _ in range(run.B)]
+
+    def take(self, run, rows: list[int], hits) -> None:
+        """The retrieved tags (token ids, weight) of each firing row become its evidence."""
+        for j, b in enumerate(rows):
+            self._rows[b] = list(zip(*run.engine.tag_evidence(hits, j)))
+            run.has_evidence[b] = True
+        self.set_evidence([[t for t, _ in row] for row in self._rows], [[w for _, w in row] for row in self._rows],
+                          start=run.step_no)
 
     def _build(self, vocab: int, device: torch.device) -> torch.Tensor:
         assert self.tags is not None

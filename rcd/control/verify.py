@@ -20,6 +20,10 @@ On ``reject`` the engine rolls the row back to the sentence start and regenerate
   for the rest of the generation; ``regenerate="ban"`` keeps the prompt as it was.
 
 The ban is applied by :meth:`Verify.apply`, a LogitsControl over the rows' generated tokens.
+In the engine the schedule's firings after step 0 (the sentence schedule: each sentence end) and
+each row's end (:meth:`Verify.after_step`) check the sentence just finished; step 0 retrieves
+evidence for the prompt. A fixed text has nothing to regenerate: its perplexity is the plain
+model's (with a note in the result).
 """
 from __future__ import annotations
 
@@ -48,8 +52,9 @@ def words(text: str, stopwords: frozenset = STOPWORDS) -> list[str]:
 class Verify(LogitsControl):
     """support(s) = |C(s) ∩ W(E)| / |C(s)|; reject below θ, roll back, ban the sentence, regenerate."""
 
-    kind = "verify"
+    name = "verify"
     accepts_units = ("chunks", "latent")
+    rolls_back = True
 
     def __init__(self, threshold: float = 0.5, max_retries: int = 2, regenerate: str = "evidence",
                  stopwords: Optional[Sequence[str]] = None) -> None:
@@ -66,10 +71,80 @@ class Verify(LogitsControl):
         self.bans: dict[int, dict[int, list[list[int]]]] = {}
         self.datastore = None
 
-    def bind(self, datastore=None, **_: Any) -> "Verify":
-        if datastore is not None:
-            self.datastore = datastore
-        return self
+    # ------------------------------------------------------------------ engine protocol
+    def begin(self, run) -> None:
+        self.bans = {}
+        self.sent_start = [0] * run.B
+        self.retries = [0] * run.B
+        self.in_context = [False] * run.B  # regenerate=evidence: the row's passages are in its prompt
+
+    def step_budget(self, max_new: int) -> int:
+        return max_new * (1 + self.max_retries) + 1
+
+    def on_fire(self, run, rows: list[int]) -> None:
+        if run.step_no > 0:
+            self.verify_rows(run, rows, at_end=False)
+        else:
+            super().on_fire(run, rows)
+
+    def after_step(self, run, rows: list[int]) -> None:
+        self.verify_rows(run, rows, at_end=True)
+
+    def prompt_passages(self, run, row: int) -> list:
+        return [run.passages[row] if self.in_context[row] else ()]
+
+    def logprobs(self, run, logits: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
+        return self.apply(logits, gen=run.gen)
+
+    def score_window(self, scorer, win):
+        return None
+
+    def score_after(self, scorer) -> torch.Tensor:
+        scorer.extra["note"] = ("verify acts on generated sentences (reject and regenerate); a fixed text has "
+                                "nothing to regenerate, so its perplexity is the plain model's")
+        scorer.fires = []
+        return scorer.nll_none.clone()
+
+    def verify_rows(self, run, rows: list[int], at_end: bool) -> bool:
+        """Check the sentence each row just finished; roll back rejected ones. True if any was rejected."""
+        from rcd.engine.query import merge_passages, passages_from_hits
+
+        e = run.engine
+        sentences = {}
+        for b in rows:
+            end = len(run.gen[b])
+            if at_end and end and run.gen[b][-1] in e.eos_ids:
+                end -= 1
+            sent = run.gen[b][self.sent_start[b]:end]
+            if re.search(r"\w", e.decode([t for t in sent if t not in e.eos_ids])):
+                sentences[b] = sent
+        rows = [b for b in rows if b in sentences]
+        if not rows:
+            return False
+        hits = run.retrieve(rows, sentences)
+        rejected = False
+        for j, b in enumerate(rows):
+            run.passages[b] = merge_passages(run.passages[b], passages_from_hits(hits, j))
+            text = e.decode(sentences[b])
+            decision, support = self.judge(text, [p.text for p in run.passages[b]], self.retries[b],
+                                           given=run.reqs[b].query or run.reqs[b].prompt)
+            if decision == "reject" and run.in_generate:
+                decision = "reject_kept"  # inside model.generate an emitted sentence cannot be taken back
+            run.record(b, event="verify", sentence=text, support=support, decision=decision, retry=self.retries[b],
+                       evidence=[p.doc_id for p in run.passages[b]])
+            if decision == "reject":
+                rejected = True
+                start = self.sent_start[b]
+                self.ban(b, start, sentences[b])
+                self.retries[b] += 1
+                if self.regenerate == "evidence":
+                    self.in_context[b] = True
+                run.roll_back(b, start)  # re-prefilled (with the evidence in context)
+            else:
+                self.sent_start[b] = len(run.gen[b]) - (1 if at_end else 0)
+                self.retries[b] = 0
+                self.clear(b)
+        return rejected
 
     # ------------------------------------------------------------------ judging
     def support(self, sentence: str, evidence: Sequence[str], given: str = "") -> float:

@@ -1,4 +1,8 @@
-"""Free continuation of prompts with ``model.generate``, with a logits control as a processor.
+"""Free continuation of prompts with ``model.generate``, with the strategy as a logits processor.
+
+The processor (:meth:`rcd.strategy.Strategy.processor`) attaches its own hooks for the call
+(``processor.attach(model)`` / ``detach()``: e.g. kNN-LM's query capture at the datastore's key
+layer) and leaves the model as it was.
 
 Reports decode throughput (new tokens / second) and time to first token, for the plain model and
 the strategy, measured in the same process.
@@ -12,7 +16,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from rcd.errors import RcdError
-from rcd.hooks import HiddenCapture
 
 
 class _FirstTokenTimer(LogitsProcessor):
@@ -26,8 +29,7 @@ class _FirstTokenTimer(LogitsProcessor):
 
 
 @torch.inference_mode()
-def generate(lm, prompts: list[str], processor=None, *, max_new_tokens: int = 64, capture_layer="final",
-             do_sample: bool = False, seed: int = 0, long_prompt: str = "truncate_left") -> dict:
+def generate(lm, prompts: list[str], processor=None, *, max_new_tokens: int = 64, do_sample: bool = False, seed: int = 0, long_prompt: str = "truncate_left") -> dict:
     """Greedy (or seeded sampling) continuations; ``processor`` is a LogitsProcessor or None.
 
     A prompt whose tokens and ``max_new_tokens`` exceed the model's context keeps its last tokens
@@ -48,19 +50,17 @@ def generate(lm, prompts: list[str], processor=None, *, max_new_tokens: int = 64
               max_length=limit if too_long else None).to(lm.device)
     timer = _FirstTokenTimer()
     procs = LogitsProcessorList([timer] + ([processor] if processor is not None else []))
-    capture = HiddenCapture(model, capture_layer) if processor is not None else None
+    hooked = processor is not None and hasattr(processor, "attach")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    if capture is not None:
-        capture.attach()
-        if hasattr(processor, "bind"):
-            processor.bind(capture=capture)
+    if hooked:
+        processor.attach(model)
     try:
         out = model.generate(**enc, logits_processor=procs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              min_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
     finally:
-        if capture is not None:
-            capture.detach()
+        if hooked:
+            processor.detach()
     total = time.perf_counter() - t0
     new = out[:, enc["input_ids"].shape[1]:]
     ttft = (timer.t_first - t0) if timer.t_first else total

@@ -119,10 +119,11 @@ def prompts_from(docs: list[dict], num: int, min_chars: int = 20) -> list[str]:
 
 
 def score_docs(lm, docs: list[dict], strategy, window: int, stride: int):
-    """:func:`rcd.tasks.perplexity.score` of each document, pooled (one PerplexityResult, every scored token)."""
-    return perplexity.PerplexityResult.pool([
-        perplexity.score(lm, d["ids"], strategy.control, strategy.schedule, window=window, stride=stride)
-        for d in docs])
+    """Each document scored under the strategy's engine (the plain model for ``none``), pooled
+    (one PerplexityResult, every scored token)."""
+    engine = getattr(strategy, "engine", None)
+    return perplexity.PerplexityResult.pool([perplexity.score(lm, d["ids"], window=window, stride=stride, engine=engine)
+                                             for d in docs])
 
 
 def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:

@@ -1,0 +1,117 @@
+"""KV-cache bookkeeping for left-padded batches: prefill, one step, redo the last position, splice rows.
+
+Rows are left-padded; position ids are explicit (``cumsum(mask) - 1`` plus an injected prefix's
+length), so rows of different lengths share one :class:`transformers.DynamicCache`. A row whose
+prompt changed is prefilled on its own and its cache rows are spliced into the batch cache (both
+sides left-padded to the longer length). A cache with sliding-window layers cannot be spliced:
+:func:`splice` returns None and the caller re-prefills the batch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from rcd.errors import RcdError
+
+
+@dataclass
+class CacheState:
+    cache: Any
+    mask: torch.Tensor  # [R, L] long
+    next_pos: torch.Tensor  # [R] long
+    logits: Optional[torch.Tensor]  # [R, V] float (last position)
+    last: Optional[torch.Tensor] = None  # [R] token fed by the last step
+
+
+def forward(model, ids, mask, pos, cache, cost: dict, keep: int = 1):
+    """One cached forward; its seconds go to ``cost["model_s"]``."""
+    t0 = time.perf_counter()
+    kwargs = {"logits_to_keep": keep} if keep else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **kwargs)
+    cost["model_s"] += time.perf_counter() - t0
+    return out
+
+
+def forward_padded(model, pad_id: int, device, seqs: list[list[int]], cost: dict, prefix=None, keep: int = 1):
+    """One forward over left-padded ``seqs`` (after an optional injected KV ``prefix``, a PrefixKV);
+    logits of the last ``keep`` positions of every row. Returns (output, full mask, position ids)."""
+    from transformers import DynamicCache
+
+    R, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((R, T), pad_id, dtype=torch.long)
+    m = torch.zeros((R, T), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s) == 0:
+            raise RcdError("cannot prefill an empty sequence")
+        ids[r, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        m[r, T - len(s):] = 1
+    ids, m = ids.to(device), m.to(device)
+    pos = (m.cumsum(1) - 1).clamp_min(0)
+    if prefix is not None:
+        cache = DynamicCache(ddp_cache_data=list(zip(prefix.keys, prefix.values)), config=model.config)
+        pos = pos + prefix.next_pos.to(device).view(-1, 1)
+        full = torch.cat([prefix.mask.to(device), m], 1)
+    else:
+        cache = DynamicCache(config=model.config)
+        full = m
+    out = forward(model, ids, full, pos, cache, cost, keep=keep)
+    return out, full, pos
+
+
+def prefill(model, pad_id: int, device, seqs: list[list[int]], cost: dict, prefix=None) -> CacheState:
+    out, full, pos = forward_padded(model, pad_id, device, seqs, cost, prefix=prefix, keep=1)
+    return CacheState(cache=out.past_key_values, mask=full, next_pos=pos[:, -1] + 1, logits=out.logits[:, -1].float())
+
+
+def step(model, device, state: CacheState, tokens: torch.Tensor, cost: dict) -> CacheState:
+    R = tokens.shape[0]
+    mask = torch.cat([state.mask, torch.ones((R, 1), dtype=state.mask.dtype, device=state.mask.device)], 1)
+    pos = state.next_pos.view(R, 1)
+    out = forward(model, tokens.view(R, 1).to(device), mask, pos, state.cache, cost)
+    return CacheState(cache=out.past_key_values, mask=mask, next_pos=state.next_pos + 1,
+                      logits=out.logits[:, -1].float(), last=tokens.view(R).to(device))
+
+
+def drop_last(state: CacheState) -> CacheState:
+    """The state before its last step (the cache loses its last position; feed ``state.last`` again)."""
+    state.cache.crop(-1)
+    return CacheState(cache=state.cache, mask=state.mask[:, :-1], next_pos=state.next_pos - 1, logits=None)
+
+
+def splice(old: CacheState, sub: CacheState, rows: Sequence[int]) -> Optional[CacheState]:
+    """``old`` with cache rows ``rows`` replaced by ``sub`` (both left-padded to the longer length).
+
+    Returns None when a cache layer is not a plain growing layer (e.g. sliding window), which
+    the caller answers with a full re-prefill.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers_old, layers_sub = old.cache.layers, sub.cache.layers
+    if any(type(x) is not DynamicLayer or isinstance(x, DynamicSlidingWindowLayer) for x in layers_old + layers_sub):
+        return None
+    L0, L1 = old.mask.shape[1], sub.mask.shape[1]
+    L = max(L0, L1)
+    idx = torch.tensor(list(rows), dtype=torch.long, device=old.mask.device)
+
+    def pad(x, n, dim):  # left-pad dimension ``dim`` of x to length n with zeros
+        if x.shape[dim] == n:
+            return x
+        shape = list(x.shape)
+        shape[dim] = n - x.shape[dim]
+        return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+    for lo, ls in zip(layers_old, layers_sub):
+        k, v = pad(lo.keys, L, 2), pad(lo.values, L, 2)
+        k[idx] = pad(ls.keys, L, 2).to(k.dtype)
+        v[idx] = pad(ls.values, L, 2).to(v.dtype)
+        lo.keys, lo.values = k, v
+    mask = pad(old.mask, L, 1)
+    mask[idx] = pad(sub.mask, L, 1)
+    next_pos = old.next_pos.clone()
+    next_pos[idx] = sub.next_pos
+    logits = old.logits.clone()
+    logits[idx] = sub.logits
+    return CacheState(cache=old.cache, mask=mask, next_pos=next_pos, logits=logits, last=old.last)

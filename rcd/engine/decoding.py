@@ -1,0 +1,265 @@
+"""The decoding loop of one batch (:class:`Decoding`): schedule → control → cache → next token.
+
+Per step t::
+
+    fire = schedule.should_fire(t, p_t, x_{t-1})          (per row; asked before the forward
+                                                          unless the schedule reads p_t)
+    rows that fire: control.on_fire(run, rows)            (retrieve with a text query, keep evidence;
+                                                          a control that retrieves_itself is only counted)
+    control.rebuilds_prompt: the firing rows are re-prefilled from control.prompt_passages /
+                            control.kv_prefix + the tokens they generated
+    control.before_forward(firing views); the cache is brought up to date
+    log p = control.logprobs(run, logits, fire); the next token is chosen
+    rows that finished: control.after_step(run, rows)     (verify checks and may roll back)
+
+The control reads and writes the run through a small surface: ``passages[b]`` and
+``has_evidence[b]`` (its evidence), ``retrieve(rows)``, ``record(row, **fields)`` (provenance),
+``generated_ids()``, ``roll_back(row, start)``, ``engine`` (encode, decode, search, template),
+``B``, ``V`` (views per row), ``step_no``, ``gen``, ``reqs``, ``cost``, ``in_generate`` (True inside
+``model.generate``, which cannot take tokens back).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from rcd.engine.cache import CacheState, splice
+from rcd.engine.query import hit_labels
+
+
+class Decoding:
+    """State of one decoding batch: per-row tokens, evidence, cache; and the loop."""
+
+    phase = "generate"
+
+    def __init__(self, engine, reqs: list, max_new: int, template=None, in_generate: bool = False) -> None:
+        self.engine = engine
+        self.control = engine.control
+        self.template = template or engine.template
+        self.reqs = reqs
+        self.B = len(reqs)
+        self.max_new = max_new
+        self.V = self.control.views(engine.k) if self.control is not None else 1
+        self.gen: list[list[int]] = [[] for _ in reqs]
+        self.done = [False] * self.B
+        self.passages: list[list] = [[] for _ in reqs]
+        self.has_evidence = torch.zeros(self.B, dtype=torch.bool)
+        self.skip_fire = [False] * self.B
+        self.retrieved: list[list[str]] = [[] for _ in reqs]
+        self.fired = [0] * self.B
+        self.cost = engine.new_cost()
+        self.state: Optional[CacheState] = None
+        self.pending: Optional[torch.Tensor] = None  # token chosen, not yet fed
+        self.step_no = 0
+        self.gen_seed = torch.Generator(device="cpu").manual_seed(engine.seed)
+        self.firing_views: Optional[torch.Tensor] = None  # [B*V] views whose schedule fired this step
+        self.in_generate = bool(in_generate)
+        self.dirty: set[int] = set()  # rows whose prompt changed: re-prefilled at the next ensure_logits
+        if self.control is not None:
+            self.control.begin(self)
+
+    # ---------------------------------------------------------------- what the control may use
+    def record(self, row: int, **fields) -> None:
+        """Append a provenance record for ``row`` at this step."""
+        e = self.engine
+        rec = {"task": e.task, "strategy": e.name, "control": e.control_name, "id": self.reqs[row].id,
+               "row": int(row), "step": self.step_no}
+        rec.update(fields)
+        e.provenance.append(rec)
+
+    def generated_ids(self) -> torch.Tensor:
+        """The tokens generated so far [B, max length], left-padded."""
+        width = max(len(g) for g in self.gen)
+        ids = torch.full((self.B, width), self.engine.pad_id, dtype=torch.long)
+        for b, g in enumerate(self.gen):
+            if g:
+                ids[b, width - len(g):] = torch.tensor(g)
+        return ids
+
+    def roll_back(self, row: int, start: int) -> None:
+        """Take back row ``row``'s tokens from ``start`` on; it is re-prefilled and decodes again."""
+        self.gen[row] = self.gen[row][:start]
+        self.done[row] = False
+        self.skip_fire[row] = True
+        self.dirty.add(row)
+
+    def retrieve(self, rows: list[int], sentences: Optional[dict] = None):
+        """Search with each row's text query (``sentences``: row -> token ids the query is built on)."""
+        e = self.engine
+        queries = [e.build_query(self.reqs[b], self.gen[b], self.step_no,
+                                 sentence=None if sentences is None else sentences.get(b)) for b in rows]
+        hits = e.search(queries, self.cost)
+        e.log_hits(hits, rows, queries, self.step_no, self.reqs)
+        for j, b in enumerate(rows):
+            self.fired[b] += 1
+            self.retrieved[b].extend(hit_labels(hits, j))
+        return hits
+
+    # ---------------------------------------------------------------- prompts and cache
+    def seqs(self, rows: Optional[Sequence[int]] = None) -> list[list[int]]:
+        """Token ids each view reads: its prompt (with the row's evidence) + the row's generated tokens."""
+        e, c = self.engine, self.control
+        out = []
+        for b in (range(self.B) if rows is None else rows):
+            req = self.reqs[b]
+            views = c.prompt_passages(self, b) if c is not None else [()]
+            if len(views) != self.V:
+                raise RuntimeError(f"{type(c).__name__}.prompt_passages gave {len(views)} views for row {b}; "
+                                   f"views(k) said {self.V}")
+            for ps in views:
+                out.append(e.prompt_ids(req.prompt, ps, self.template) + self.gen[b])
+        return out
+
+    def doc_scores(self) -> torch.Tensor:
+        """[B, V] retrieval score of the passage each view reads (-inf for views without one)."""
+        s = torch.zeros(self.B, self.V)
+        for b in range(self.B):
+            ps = self.passages[b]
+            if ps:
+                s[b] = float("-inf")
+                for v in range(min(self.V, len(ps))):
+                    s[b, v] = ps[v].score
+        return s
+
+    def prefill_rows(self, rows: Sequence[int]) -> CacheState:
+        c = self.control
+        prefix = c.kv_prefix(self, list(rows), self.cost) if c is not None else None
+        return self.engine.prefill(self.seqs(rows), self.cost, prefix=prefix)
+
+    def _before_forward(self) -> None:
+        if self.control is not None:
+            self.control.before_forward(self.firing_views)
+
+    def rebuild(self) -> None:
+        self._before_forward()
+        self.state = self.prefill_rows(range(self.B))
+        self.pending = None
+        self.dirty.clear()
+
+    def ensure_logits(self) -> None:
+        """Bring the cache up to date: full prefill, or feed the pending token and re-prefill dirty rows."""
+        if self.state is None or len(self.dirty) == self.B:
+            self.rebuild()
+            return
+        if self.pending is not None:
+            self._before_forward()
+            tokens = self.pending.repeat_interleave(self.V)
+            self.state = self.engine.step(self.state, tokens, self.cost)
+            self.pending = None
+        if self.dirty:
+            rows = sorted(self.dirty)
+            self.dirty.clear()
+            views = [b * self.V + v for b in rows for v in range(self.V)]
+            merged = splice(self.state, self.prefill_rows(rows), views)
+            if merged is None:  # a cache layout that cannot be spliced: re-prefill everything
+                self.rebuild()
+            else:
+                self.state = merged
+
+    def last_tokens(self) -> Optional[torch.Tensor]:
+        if self.step_no == 0:
+            return None
+        return torch.tensor([g[-1] if g else self.engine.pad_id for g in self.gen], dtype=torch.long)
+
+    # ---------------------------------------------------------------- one step
+    def act(self, fire: torch.Tensor) -> None:
+        """The control acts for the firing rows (a self-retrieving control is only counted)."""
+        rows = [b for b in range(self.B) if bool(fire[b])]
+        c = self.control
+        if c.retrieves_itself:
+            for b in rows:
+                self.fired[b] += 1
+            self.cost["retrievals"] += len(rows)
+            return
+        c.on_fire(self, rows)
+
+    def decide_and_act(self) -> torch.Tensor:
+        """Ask the schedule for step ``step_no`` and let the control act on the firing rows."""
+        e, sched, c = self.engine, self.engine.schedule, self.control
+        active = torch.tensor([not d for d in self.done])
+        self.cost["steps"] += int(active.sum())
+        fire = torch.zeros(self.B, dtype=torch.bool)
+        if sched is not None:
+            if sched.needs_probs:
+                self.firing_views = torch.zeros(self.B * self.V, dtype=torch.bool)
+                self.ensure_logits()
+                lp0 = torch.log_softmax(self.state.logits.view(self.B, self.V, -1)[:, 0], -1)
+                fire = sched.should_fire(self.step_no, lp0.exp().cpu(), self.last_tokens()).cpu()
+            else:
+                fire = sched.should_fire(self.step_no, None, self.last_tokens()).cpu()
+            fire = fire & active & ~torch.tensor(self.skip_fire, dtype=torch.bool)
+        self.skip_fire = [False] * self.B
+        self.firing_views = fire.repeat_interleave(self.V)
+        if bool(fire.any()) and c is not None:
+            self.act(fire)
+            if c.rebuilds_prompt:
+                self.dirty.update(b for b in range(self.B) if bool(fire[b]))
+            elif c.acts_in_forward and self.state is not None and self.pending is None:
+                # the schedule read p_t, computed before the control acted: recompute the last position
+                self._before_forward()
+                self.state = e.redo_last(self.state, self.cost) if self.step_no > 0 else None
+        return fire
+
+    def logprobs(self, fire: torch.Tensor) -> torch.Tensor:
+        logits = self.state.logits  # [B*V, vocab]
+        if self.control is None:
+            return torch.log_softmax(logits, -1)
+        return self.control.logprobs(self, logits, fire)
+
+    def choose(self, lp: torch.Tensor) -> torch.Tensor:
+        e = self.engine
+        if e.do_sample:
+            probs = torch.softmax(lp.float().cpu() / e.temperature, -1)
+            return torch.multinomial(probs, 1, generator=self.gen_seed).view(-1)
+        return lp.argmax(-1).cpu()
+
+    # ---------------------------------------------------------------- the loop
+    def loop(self) -> None:
+        e, sched, c = self.engine, self.engine.schedule, self.control
+        t_start = time.perf_counter()
+        if sched is not None:
+            sched.reset(self.B, device=torch.device("cpu"))
+        budget = c.step_budget(self.max_new) if c is not None else self.max_new + 1
+        while True:
+            fire = self.decide_and_act()
+            self.ensure_logits()
+            lp = self.logprobs(fire)
+            if e.trace is not None:
+                e.trace.append({"step": self.step_no, "logprobs": lp.detach().float().cpu(), "fire": fire.clone(),
+                                "gen": [list(g) for g in self.gen], "passages": [list(p) for p in self.passages]})
+            nxt = self.choose(lp)
+            if self.cost["ttft"] is None:
+                self.cost["ttft"] = time.perf_counter() - t_start
+            finished = []
+            for b in range(self.B):
+                if self.done[b]:
+                    nxt[b] = e.pad_id
+                    continue
+                tok = int(nxt[b])
+                self.gen[b].append(tok)
+                if (e.stop_at_eos and tok in e.eos_ids) or len(self.gen[b]) >= self.max_new:
+                    self.done[b] = True
+                    finished.append(b)
+            if finished and c is not None:
+                c.after_step(self, finished)
+            self.step_no += 1
+            if all(self.done) or self.step_no >= budget:
+                break
+            if self.state is not None:
+                self.pending = nxt
+        self.cost["tokens"] = sum(len(g) for g in self.gen)
+        self.cost["wall_s"] = time.perf_counter() - t_start
+
+    def on_memory_retrieval(self, mask: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
+                            seconds: float) -> None:
+        """For forward hooks that search memories: the time, and provenance of each row's last position."""
+        self.cost["retrieval_s"] += seconds
+        T = mask.shape[1]
+        for n, (r, t) in enumerate(mask.nonzero().tolist()):
+            if t == T - 1 and r % self.V == 0:
+                self.record(r // self.V, memory_ids=ids[n, :8].tolist(),
+                            scores=[float(x) if math.isfinite(x) else None for x in scores[n, :8].tolist()])
+
