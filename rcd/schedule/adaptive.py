@@ -53,6 +53,7 @@ class Adaptive(Schedule):
         self.fire_at_start = bool(fire_at_start)
         self.target_rate = None if target_rate is None else float(target_rate)
         self.threshold: Optional[float] = None
+        self.calibrated = False  # with target_rate set, decisions wait for calibrate()
         if threshold is not None:
             self._set_threshold(float(threshold))
 
@@ -127,6 +128,7 @@ class Adaptive(Schedule):
             else:
                 theta = float((c[n - k - 1] + c[n - k]) / 2)
         self.threshold = theta
+        self.calibrated = True
         if target_rate is not None:
             self.target_rate = rate
         return theta
@@ -154,8 +156,17 @@ class Adaptive(Schedule):
         return stats
 
     # ------------------------------------------------------------------ decisions
+    def _check_calibrated(self) -> None:
+        if self.target_rate is not None and not self.calibrated:
+            from rcd.errors import RcdError
+
+            raise RcdError(f"strategy.schedule.target_rate={self.target_rate} is set but θ was not calibrated: task=lm "
+                           "and task=qa calibrate it before evaluating (rcd.calibrate); elsewhere set "
+                           "strategy.schedule.target_rate=null and a threshold, or call Adaptive.calibrate()")
+
     def _decide(self, step: int, probs: Optional[torch.Tensor], last_tokens: Optional[torch.Tensor],
                 batch: int, device: torch.device) -> torch.Tensor:
+        self._check_calibrated()
         if step == 0 and self.fire_at_start:
             return self._full(batch, True, device)
         if probs is None:
@@ -164,6 +175,7 @@ class Adaptive(Schedule):
 
     def _decide_all(self, probs: Optional[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         assert probs is not None  # checked by fire_mask
+        self._check_calibrated()
         mask = self.fires_on(self.confidence(probs)).to(tokens.device)
         if self.fire_at_start:
             mask[:, 0] = True

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from rcd import calibrate
 from rcd.tasks import generate as gen
 from rcd.tasks import perplexity
 
@@ -129,8 +130,11 @@ def score_docs(lm, docs: list[dict], strategy, window: int, stride: int):
 def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     t = cfg.task
     docs = heldout_docs(lm, heldout_ds, t.eval_tokens, t.get("prefix_token"))
+    calibration = calibrate.calibrate_lm(cfg, lm, strategy, docs)  # target_rate: θ from text not evaluated
     ppl = score_docs(lm, docs, strategy, t.window, t.stride)
     metrics = {"perplexity": ppl.summary()}
+    if calibration is not None:
+        metrics["calibration"] = dict(calibration, achieved_rate=metrics["perplexity"]["retrieval_rate"])
     # which text was scored: the rule (token_budget) and each document's scored tokens
     metrics["perplexity"]["documents"] = [{"id": d["id"], "tokens": int(d["ids"].numel()) - 1} for d in docs]
     if strategy.schedule is not None and hasattr(strategy.schedule, "stats"):

@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from rcd import calibrate
 from rcd.engine import Engine, Request, from_config
 from rcd.errors import RcdError
 from rcd.metrics import bootstrap_ci, load_metric, recall_at_k
@@ -152,13 +153,17 @@ def extract_answer(text: str, regex: Optional[str] = None) -> str:
     return line
 
 
-def decode_split(engine: Engine, examples: list[dict], t) -> dict[str, Any]:
-    """Decode every example with ``engine``; metrics (see module doc) and per-example records."""
+def requests(examples: list[dict], t) -> list[Request]:
+    """The engine requests of ``examples``: ``task.prompt`` with the question and ``task.instruction``."""
     instruction = t.get("instruction") or ""
     fmt = t.get("prompt") or "{question}\n{instruction}"
-    reqs = [Request(prompt=fmt.format(question=ex["question"], instruction=instruction).strip(), query=ex["question"],
+    return [Request(prompt=fmt.format(question=ex["question"], instruction=instruction).strip(), query=ex["question"],
                     id=ex["id"]) for ex in examples]
-    out = engine.generate(reqs)
+
+
+def decode_split(engine: Engine, examples: list[dict], t) -> dict[str, Any]:
+    """Decode every example with ``engine``; metrics (see module doc) and per-example records."""
+    out = engine.generate(requests(examples, t))
     regex = t.get("answer_regex")
     preds = [extract_answer(x, regex) for x in out.texts]
     raw = [extract_answer(x, None) for x in out.texts]
@@ -195,9 +200,9 @@ def decode_split(engine: Engine, examples: list[dict], t) -> dict[str, Any]:
 def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     """QA task entry point (``task._target_: rcd.tasks.qa.run``); ``heldout_ds`` is not used."""
     t = cfg.task
-    examples = load_examples(t.path, question_field=t.question_field, answers_field=t.answers_field,
-                             gold_field=t.get("gold_field"), id_field=t.get("id_field"), n=t.get("n"),
-                             seed=int(t.get("seed", cfg.get("seed", 0))), filter=t.get("filter"))
+    fields = dict(question_field=t.question_field, answers_field=t.answers_field, gold_field=t.get("gold_field"),
+                  id_field=t.get("id_field"), filter=t.get("filter"))
+    examples = load_examples(t.path, n=t.get("n"), seed=int(t.get("seed", cfg.get("seed", 0))), **fields)
     common = dict(max_new_tokens=int(t.max_new_tokens), batch_size=int(t.get("batch_size", 8)))
     results: dict[str, Any] = {}
     if t.get("baseline", True) and not strategy.is_baseline:
@@ -205,9 +210,16 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
         results["none"] = decode_split(plain, examples, t)
     engine = from_config(lm, strategy if not strategy.is_baseline else None, cfg, task="qa", provenance=provenance,
                          **common)
+    calibration = None
+    if calibrate.wants_calibration(getattr(strategy, "schedule", None)):  # θ from questions not evaluated
+        calib_engine = from_config(lm, strategy, cfg, task="qa", provenance=[], **common)
+        calibration = calibrate.calibrate_qa(calib_engine, strategy, examples, load_examples(t.path, **fields),
+                                             lambda exs: requests(exs, t), int(t.get("calibration_questions") or 32))
     main = decode_split(engine, examples, t)
     sched = getattr(strategy, "schedule", None)
     metrics: dict[str, Any] = {"qa": main["metrics"]}
+    if calibration is not None:
+        metrics["calibration"] = dict(calibration, achieved_rate=main["metrics"]["retrieval_rate"])
     if "none" in results:
         metrics["none"] = results["none"]["metrics"]
     if sched is not None and hasattr(sched, "stats"):
