@@ -9,13 +9,15 @@ schedule with :func:`rcd.schedule.scheduled`.
 from rcd.control.base import ACTIONS, CallTracker, Control, ControlError, LogitsControl, check_protocol, masked_rows
 from rcd.control.context import ContextControl, Passage, PromptTemplate
 from rcd.control.inject import InjectError, KNNAttention, KVInjection, PrefixKV
+from rcd.control.lazy_kv import ChunkKV, LazyKVInjection
 from rcd.control.knn import KNNInterpolation, interpolate, knn_log_probs
 from rcd.control.replug import ReplugEnsemble, replug_mix
 from rcd.control.span_filter import SpanFilter
 from rcd.control.tag_bias import TagBias
+from rcd.control.tag_context import TagContext
 from rcd.control.verify import Verify
 
 __all__ = ["Control", "LogitsControl", "ControlError", "check_protocol", "ACTIONS", "CallTracker", "masked_rows",
            "ContextControl", "Passage", "PromptTemplate", "KVInjection", "KNNAttention", "PrefixKV", "InjectError",
            "KNNInterpolation", "knn_log_probs", "interpolate", "ReplugEnsemble", "replug_mix", "SpanFilter",
-           "TagBias", "Verify"]
+           "TagBias", "TagContext", "LazyKVInjection", "ChunkKV", "Verify"]

@@ -10,7 +10,8 @@ Generation (one :class:`rcd.engine.decoding.Decoding` per batch, called ``run`` 
 ``attach(model, run)``      register forward hooks for this call; ``detach()`` removes them
 ``on_fire(run, rows)``      the schedule fired for ``rows``: retrieve (``run.retrieve(rows)``, a
                             text query) and keep the evidence (default: :meth:`take`)
-``take(run, rows, hits)``   evidence of a text-query search (default: passages into ``run.passages``)
+``take(run, rows, hits)``   evidence of a text-query search (default: ``passages(run, hits, j)``
+                            into ``run.passages``)
 ``views(k)``                forward views per row (REPLUG: one per document; default 1)
 ``prompt_passages(run, b)`` per view, the passages rendered into row b's prompt (context)
 ``kv_prefix(run, rows, c)`` an injected KV cache prefix for ``rows`` (``PrefixKV``) or None
@@ -71,6 +72,10 @@ class Control:
     accepts_units: tuple[str, ...] = ()
     #: the label of this control in provenance records (default: the class name)
     name: Optional[str] = None
+    #: the "how" family on the grid: "context" (the prompt), "inject" (the model's computation), "logits"
+    how: str = "logits"
+    #: why this control cannot score a fixed text (None: it can); the scorer refuses with this message
+    score_refusal: Optional[str] = None
     retrieves_itself: bool = False
     rebuilds_prompt: bool = False
     acts_in_forward: bool = False
@@ -114,10 +119,16 @@ class Control:
         hits = run.retrieve(rows)
         self.take(run, rows, hits)
 
-    def take(self, run, rows: list[int], hits) -> None:
-        from rcd.engine.query import take_passages
+    def passages(self, run, hits, j: int) -> list:
+        """Row ``j`` of a text-query search as the passages this control keeps (default: chunk hits)."""
+        from rcd.engine.query import passages_from_hits
 
-        take_passages(run, rows, hits)
+        return passages_from_hits(hits, j)
+
+    def take(self, run, rows: list[int], hits) -> None:
+        for j, b in enumerate(rows):
+            run.passages[b] = self.passages(run, hits, j)
+            run.has_evidence[b] = True
 
     def step_budget(self, max_new: int) -> int:
         """Most decoding steps one call may take (a control that regenerates needs more)."""

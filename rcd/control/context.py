@@ -137,6 +137,7 @@ class ContextControl(Control):
     """
 
     name = "context"
+    how = "context"
     accepts_units: tuple[str, ...] = ("chunks", "latent")
     rebuilds_prompt = True
 

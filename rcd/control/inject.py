@@ -93,6 +93,7 @@ class KVInjection(Control):
     """how = inject (KV prefix): cache = [chunk KVs (positions per ``positions``)] + prompt + generation."""
 
     name = "latent_kv"
+    how = "inject"
     accepts_units: tuple[str, ...] = ("latent",)
     rebuilds_prompt = True
 
@@ -127,6 +128,10 @@ class KVInjection(Control):
                                   "strategy/control=knn_attention or context")
             self.datastore = datastore
         return self
+
+    def kv_source(self):
+        """Where the chunks' KV caches and lengths come from (``kv(ids, dtype)``, ``length(i)``)."""
+        return self.datastore
 
     # ------------------------------------------------------------------ engine protocol
     def prepare(self, lm, eos_ids) -> None:
@@ -194,7 +199,7 @@ class KVInjection(Control):
 
     # ------------------------------------------------------------------ prefix
     def lengths(self, ids: Sequence[int]) -> list[int]:
-        return [int(self.datastore.length(int(i))) for i in ids]
+        return [int(self.kv_source().length(int(i))) for i in ids]
 
     def prefix_length(self, ids: Sequence[int]) -> int:
         """Cache positions the prefix of chunks ``ids`` takes, and where the prompt starts."""
@@ -230,7 +235,7 @@ class KVInjection(Control):
                 lens.append(0)
                 starts.append(0)
                 continue
-            kv = self.datastore.kv(ids, dtype=dtype)
+            kv = self.kv_source().kv(ids, dtype=dtype)
             ls = self.lengths(ids)
             if self.positions == "shift":
                 delta = torch.cat([torch.full((n,), off, dtype=torch.long)
@@ -273,6 +278,7 @@ class KNNAttention(Control):
     """how = inject (memories): h ← (1-g)·h + g·Σ_i softmax(s/τ)_i v_i at one block's output (module doc)."""
 
     name = "knn_attention"
+    how = "inject"
     accepts_units: tuple[str, ...] = ("latent",)
     retrieves_itself = True
     acts_in_forward = True

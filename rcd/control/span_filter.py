@@ -54,6 +54,8 @@ class SpanFilter(LogitsControl):
 
     name = "span"
     accepts_units = ("chunks",)
+    score_refusal = ("the span filter is a hard mask for extractive answers: the perplexity of text outside the "
+                     "evidence is infinite. Use it on a QA task, or choose control=context|replug|tag_bias")
 
     def __init__(self, eos_token_id: int | Sequence[int], allow_eos: bool = True) -> None:
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -97,8 +99,7 @@ class SpanFilter(LogitsControl):
                            for b, ps in enumerate(run.passages)], start=0)
 
     def score_window(self, scorer, win):
-        raise ControlError("the span filter is a hard mask for extractive answers: the perplexity of text outside "
-                           "the evidence is infinite. Use it on a QA task, or choose control=context|replug|tag_bias")
+        raise ControlError(self.score_refusal)
 
     def allowed(self, row: int, answer: Sequence[int]) -> list[int]:
         """Sorted allowed next-token ids for evidence row ``row`` after ``answer`` (None row: [])."""

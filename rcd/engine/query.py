@@ -96,9 +96,3 @@ def hit_labels(hits, row: int) -> list[str]:
         return list(hits.tags[row])
     return [str(d) for d, i in zip(hits.doc_ids[row], hits.ids[row].tolist()) if i >= 0]
 
-
-def take_passages(run, rows: list[int], hits) -> None:
-    """Default evidence of a text-query search: each firing row's passages replace its previous ones."""
-    for j, b in enumerate(rows):
-        run.passages[b] = passages_from_hits(hits, j)
-        run.has_evidence[b] = True

@@ -28,7 +28,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from rcd.engine.query import passages_from_hits
 
 
 @dataclass
@@ -161,7 +160,7 @@ class Scorer:
             queries = [self.query_at(p) for p in ps]
             hits = e.search(queries, self.cost)
             e.log_hits(hits, [0] * len(ps), queries, None, [], positions=ps)
-            found.extend(passages_from_hits(hits, j) for j in range(len(ps)))
+            found.extend(self.control.passages(self, hits, j) for j in range(len(ps)))
         bounds = [(p, fires[i + 1] if i + 1 < len(fires) else self.n - 1) for i, p in enumerate(fires)]
         return [(a, b, ps) for (a, b), ps in zip(bounds, found) if a < b and ps]
 
@@ -235,6 +234,8 @@ class Scorer:
         sched = e.schedule if c is not None else None
         if sched is not None:
             sched.reset(1, device=torch.device("cpu"))
+        if c is not None and c.score_refusal:
+            raise EngineError(c.score_refusal)
         if c is not None:
             c.begin(self)
         nll = torch.zeros(self.n - 1, dtype=torch.float64) if c is not None else None

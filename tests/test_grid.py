@@ -1,0 +1,132 @@
+"""The grid: the census (every unit × control × schedule cell, runs or refused and why), every allowed cell
+generating and scoring on a tiny random model, and the new cells tags × context and chunks × inject (lazy KV)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from conftest import TEXTS, tiny_run_files
+from rcd.control import LazyKVInjection, Passage, TagContext
+from rcd.engine import Engine
+from rcd.schedule import EveryN, Once
+from rcd.strategy import Strategy
+from test_engine import DOCS, FakeChunks, fresh_logprobs
+
+
+@pytest.fixture(scope="module")
+def census():
+    from rcd.census import cells, summary
+
+    rows = cells()
+    return rows, summary(rows)
+
+
+def test_census_states_why_a_cell_is_refused(census):
+    rows, s = census
+    assert s["cells"] == len(rows) == 4 * 10 * 5 and s["runs"] == 60 and s["families_covered"] == 9
+    by = {(r["unit"], r["control"], r["schedule"]): r for r in rows}
+    bad = by[("tokens", "context", "once")]
+    assert not bad["runs"] and "cannot use a 'tokens' datastore; it accepts ['chunks', 'latent']" in bad["why"]
+    assert by[("tags", "tag_context", "sentence")]["runs"] and by[("chunks", "lazy_kv", "every_n")]["runs"]
+    span = by[("chunks", "span_filter", "once")]
+    assert span["runs"] and not span["scores"] and "perplexity of text outside the evidence is infinite" in span["why"]
+    assert all(r["why"] for r in rows if not (r["runs"] and r["scores"]))
+
+
+def test_every_allowed_cell_generates_and_scores_on_a_tiny_model(tmp_path, census):
+    from hydra.utils import instantiate
+
+    from rcd import strategy as strategy_mod
+    from rcd.census import compose_cell
+    from rcd.errors import RcdError
+    from rcd.models import load_model
+
+    files = tiny_run_files(tmp_path)
+    extra = files["lm"] + ["++datastore.retriever=bm25"]
+    lm = load_model(str(files["model"]), "cpu", "float32")
+    ids = torch.tensor(lm.tokenizer(TEXTS[2], add_special_tokens=False)["input_ids"][:40])
+    corpus = None
+    ran = 0
+    for r in census[0]:
+        if not r["runs"]:
+            continue
+        cfg = compose_cell(r["unit"], r["control"], r["schedule"], extra)
+        corpus = corpus if corpus is not None else instantiate(cfg.corpus.datastore)
+        strat = strategy_mod.build(cfg, lm, corpus, corpus_name=cfg.corpus.name, datastore_root=tmp_path / "ds")
+        cell = f"{r['unit']} x {r['control']} x {r['schedule']}"
+        out = strat.engine.generate(["To be, or not to be"], max_new_tokens=4)
+        assert 1 <= len(out.token_ids[0]) <= 4, cell
+        if r["schedule"] != "sentence":  # every other schedule fires at step 0
+            assert out.cost["retrievals"] >= 1, cell
+        if r["scores"]:
+            res = strat.engine.score(ids, window=32, stride=16)
+            assert res.nll.shape == (len(ids) - 1,) and bool((res.nll >= 0).all()) and res.nll.sum() < 1e6, cell
+        else:
+            with pytest.raises(RcdError, match="infinite"):
+                strat.engine.score(ids, window=32, stride=16)
+        ran += 1
+    assert ran == census[1]["runs"]
+
+
+# --------------------------------------------------------------------------- tags × context
+@dataclass
+class FakeTagHits:
+    tags: list
+    weights: list
+
+
+class FakeTags:
+    unit = "tags"
+
+    def search(self, queries, k):
+        return FakeTagHits([["Hamlet", "Denmark", "ghost"] for _ in queries], [[0.5, 0.3, 0.2] for _ in queries])
+
+
+def test_tag_context_puts_the_retrieved_labels_in_the_prompt(tiny_lm):
+    trace: list = []
+    st = Strategy("tc", datastore=FakeTags(), control=TagContext(max_tags=2), schedule=Once())
+    eng = Engine(tiny_lm, st, k=4, max_new_tokens=3, stop_at_eos=False, trace=trace)
+    out = eng.generate(["who is it"])
+    assert out.retrieved == [["Hamlet", "Denmark", "ghost"]] and out.fired == [1]
+    tok = tiny_lm.tokenizer
+    keywords = Passage("Keywords: Hamlet, Denmark", doc_id="tags", score=0.5)
+    for rec in trace:
+        assert rec["passages"][0] == [keywords]
+        text = eng.template.render(tok, "who is it", [keywords])
+        want = fresh_logprobs(tiny_lm, tok(text, add_special_tokens=False)["input_ids"] + rec["gen"][0])
+        assert torch.allclose(rec["logprobs"][0], want, atol=1e-5)
+    ids = tok("to be or not to be, that is", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    res = Engine(tiny_lm, st, k=4, query_tokens=4).score(ids, window=64, stride=32)
+    p = len(ids) - 2
+    prefix = tok(eng.template.block([keywords]), add_special_tokens=False)["input_ids"]
+    assert res.nll[p] == pytest.approx(-float(fresh_logprobs(tiny_lm, prefix + ids[:p + 1].tolist())[ids[p + 1]]),
+                                       abs=1e-4)
+
+
+# --------------------------------------------------------------------------- chunks × inject (lazy KV)
+class TextChunks(FakeChunks):
+    def text(self, i):
+        return self.texts[int(i)]
+
+
+def test_lazy_kv_injects_the_chunk_text_kv_computed_once(tiny_lm):
+    tok = tiny_lm.tokenizer
+    trace: list = []
+    ctl = LazyKVInjection(positions="shift", cache_chunks=8)
+    st = Strategy("lazy", datastore=TextChunks(DOCS), control=ctl, schedule=Once())
+    eng = Engine(tiny_lm, st, k=1, max_new_tokens=4, stop_at_eos=False, trace=trace, query="prompt")
+    eng.generate(["hello world"])
+    # one chunk at positions 0..L-1 then the prompt: exactly the chunk text followed by the prompt
+    chunk = tok(DOCS[2], add_special_tokens=False)["input_ids"]
+    for rec in trace:
+        want = fresh_logprobs(tiny_lm, chunk + tok("hello world", add_special_tokens=False)["input_ids"] + rec["gen"][0])
+        assert torch.allclose(rec["logprobs"][0], want, atol=1e-4)
+    assert ctl.store.computed == 1
+    eng.generate(["hello world", "hello there"])  # the same chunk again: from the cache
+    assert ctl.store.computed == 1 and list(ctl.store.cache) == [2]
+    small = LazyKVInjection(cache_chunks=1)
+    Engine(tiny_lm, Strategy("l", datastore=TextChunks(DOCS), control=small, schedule=EveryN(2)), k=2,
+           max_new_tokens=3, stop_at_eos=False).generate(["hello world"])
+    assert small.store.computed >= 2 and len(small.store.cache) == 1  # the bound holds
