@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TEXTS, tiny_run_files
-from rcd.control import LazyKVInjection, Passage, TagContext
+from rcd.control import LazyKVInjection, Passage, TagContext, TokenContext
 from rcd.engine import Engine
 from rcd.schedule import EveryN, Once
 from rcd.strategy import Strategy
@@ -25,11 +25,12 @@ def census():
 
 def test_census_states_why_a_cell_is_refused(census):
     rows, s = census
-    assert s["cells"] == len(rows) == 4 * 10 * 5 and s["runs"] == 60 and s["families_covered"] == 9
+    assert s["cells"] == len(rows) == 4 * 11 * 5 and s["runs"] == 65 and s["families_covered"] == 10
     by = {(r["unit"], r["control"], r["schedule"]): r for r in rows}
     bad = by[("tokens", "context", "once")]
     assert not bad["runs"] and "cannot use a 'tokens' datastore; it accepts ['chunks', 'latent']" in bad["why"]
     assert by[("tags", "tag_context", "sentence")]["runs"] and by[("chunks", "lazy_kv", "every_n")]["runs"]
+    assert by[("tokens", "token_context", "adaptive")]["runs"]
     span = by[("chunks", "span_filter", "once")]
     assert span["runs"] and not span["scores"] and "perplexity of text outside the evidence is infinite" in span["why"]
     assert all(r["why"] for r in rows if not (r["runs"] and r["scores"]))
@@ -130,3 +131,49 @@ def test_lazy_kv_injects_the_chunk_text_kv_computed_once(tiny_lm):
     Engine(tiny_lm, Strategy("l", datastore=TextChunks(DOCS), control=small, schedule=EveryN(2)), k=2,
            max_new_tokens=3, stop_at_eos=False).generate(["hello world"])
     assert small.store.computed >= 2 and len(small.store.cache) == 1  # the bound holds
+
+
+# --------------------------------------------------------------------------- tokens × context
+class FakeTokens:
+    """Token datastore stand-in: every query's neighbours are entries 4 and 1; context(i) = fixed corpus tokens."""
+
+    unit, metric = "tokens", "l2"
+    manifest = {"layer": "final"}
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.queries: list = []
+
+    def search(self, q, k):
+        from rcd.datastore.tokens import Neighbours
+
+        self.queries.append(q.clone())
+        n = q.shape[0]
+        ids = torch.tensor([[4, 1]] * n)[:, :k]
+        return Neighbours(scores=torch.tensor([[0.5, 2.0]] * n)[:, :k], ids=ids, tokens=ids.clone(), metric="l2")
+
+    def context(self, i, before, after):
+        return self.tok({4: " the rose", 1: " to be"}[int(i)], add_special_tokens=False)["input_ids"]
+
+
+def test_token_context_puts_the_text_around_the_query_states_neighbours_in_the_prompt(tiny_lm):
+    from rcd.hooks import HiddenCapture
+
+    tok = tiny_lm.tokenizer
+    store = FakeTokens(tok)
+    trace: list = []
+    st = Strategy("tk", datastore=store, control=TokenContext(before=4, after=2), schedule=Once())
+    eng = Engine(tiny_lm, st, k=2, query_tokens=5, max_new_tokens=3, stop_at_eos=False, trace=trace)
+    out = eng.generate(["hello world"])
+    assert out.retrieved == [["entry-4", "entry-1"]] and out.cost["retrievals"] == 1
+    prompt = tok("hello world", add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), HiddenCapture(tiny_lm.model, "final") as cap:  # the query: the last 5 prompt tokens alone
+        tiny_lm.model(input_ids=torch.tensor([prompt[-5:]]))
+        want_q = cap.hidden[0, -1]
+    assert torch.allclose(store.queries[0][0], want_q, atol=1e-5)
+    ps = [Passage(" the rose", "entry-4", -0.5, 1, 4), Passage(" to be", "entry-1", -2.0, 2, 1)]
+    for rec in trace:
+        assert rec["passages"][0] == ps
+        text = eng.template.render(tok, "hello world", ps)
+        want = fresh_logprobs(tiny_lm, tok(text, add_special_tokens=False)["input_ids"] + rec["gen"][0])
+        assert torch.allclose(rec["logprobs"][0], want, atol=1e-5)

@@ -151,3 +151,14 @@ def test_rerank_gives_exact_distances_for_compressed_index(tiny_lm, tmp_path):
     ref = ((keys[e.ids.numpy()] - q.numpy()[:, None, :]) ** 2).sum(-1)
     np.testing.assert_allclose(e.scores.numpy(), ref, rtol=1e-5)
     assert not np.allclose(a.scores.numpy(), ref, rtol=1e-3)  # PQ distances were approximate
+
+
+def test_context_is_the_corpus_text_around_an_entry_within_its_document(tiny_lm, tmp_path):
+    ds = build_or_load(tiny_lm, corpus(), "toy", tmp_path, window=256, stride=256, key_dtype="float32",
+                       max_tokens=None, progress=False)
+    docs = [tiny_lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    first_of_doc1 = len(docs[0]) - 1  # entry of doc 1, position 0
+    # entry i keys position p (value: token p+1): 3 tokens up to and including p+1, then 2 more
+    assert ds.context(10, 3, 2) == docs[0][9:14]
+    assert ds.context(first_of_doc1, 3, 2) == docs[1][1:4]  # nothing before the document's start
+    assert ds.context(first_of_doc1 - 1, 2, 5) == docs[0][-2:]  # nothing after its end

@@ -15,9 +15,10 @@ from rcd.control.replug import ReplugEnsemble, replug_mix
 from rcd.control.span_filter import SpanFilter
 from rcd.control.tag_bias import TagBias
 from rcd.control.tag_context import TagContext
+from rcd.control.token_context import TokenContext
 from rcd.control.verify import Verify
 
 __all__ = ["Control", "LogitsControl", "ControlError", "check_protocol", "ACTIONS", "CallTracker", "masked_rows",
            "ContextControl", "Passage", "PromptTemplate", "KVInjection", "KNNAttention", "PrefixKV", "InjectError",
            "KNNInterpolation", "knn_log_probs", "interpolate", "ReplugEnsemble", "replug_mix", "SpanFilter",
-           "TagBias", "TagContext", "LazyKVInjection", "ChunkKV", "Verify"]
+           "TagBias", "TagContext", "TokenContext", "LazyKVInjection", "ChunkKV", "Verify"]

@@ -158,11 +158,15 @@ class ContextControl(Control):
     def prompt_passages(self, run, row: int) -> list[Sequence[Passage]]:
         return [self.select(run.passages[row])]
 
+    def segments(self, scorer) -> list:
+        """(a, b, passages) per firing position a (:meth:`rcd.engine.scoring.Scorer.segments`)."""
+        return scorer.segments()
+
     def score_after(self, scorer) -> torch.Tensor:
         """Each position after a firing position reads the passages retrieved there, then the text
         (the passages take at most half the window)."""
         e = scorer.engine
-        segs = scorer.segments()
+        segs = self.segments(scorer)
         views = [{"a": a, "b": b, "prefix": e.encode(scorer.template.block(self.select(ps)))[: scorer.window // 2]}
                  for a, b, ps in segs]
         nll = scorer.nll_none.clone()

@@ -177,6 +177,21 @@ class TokenDatastore:
                                     bounds=manifest.get("shard_key_starts"), map_fn=map_fn)
         return cls(folder, manifest, keys, values, index, metric, lm.device, rerank=rerank)
 
+    # ---------------------------------------------------------------- text around an entry
+    def context(self, i: int, before: int, after: int) -> list[int]:
+        """Token ids of the corpus around entry ``i``: the ``before`` tokens up to and including its value
+        (the token after its key position) and ``after`` tokens more, within its document."""
+        if getattr(self, "_positions", None) is None:
+            self._positions = base.open_array(self.folder, self.manifest["positions"])
+        pos, n = self._positions, len(self)
+        doc = int(pos[int(i)][0])
+        lo, hi = int(i), int(i)
+        while lo > 0 and int(i) - lo < before - 1 and int(pos[lo - 1][0]) == doc and int(pos[lo - 1][1]) == int(pos[lo][1]) - 1:
+            lo -= 1
+        while hi + 1 < n and hi - int(i) < after and int(pos[hi + 1][0]) == doc and int(pos[hi + 1][1]) == int(pos[hi][1]) + 1:
+            hi += 1
+        return [int(x) for x in np.asarray(self.values_np[lo:hi + 1])]
+
     # ---------------------------------------------------------------- search
     def search(self, queries: torch.Tensor, k: int) -> Neighbours:
         """k nearest keys of each query row [N, H] (batched; one FAISS call)."""

@@ -98,6 +98,19 @@ class Decoding:
             self.retrieved[b].extend(hit_labels(hits, j))
         return hits
 
+    def query_ids(self, row: int) -> list[int]:
+        """The last ``query_tokens`` token ids of row ``row``'s prompt + generation (a hidden-state query)."""
+        e = self.engine
+        return (e.encode(self.reqs[row].prompt) + list(self.gen[row]))[-e.query_tokens:]
+
+    def count_retrieval(self, rows: list[int], labels: list[list[str]], seconds: float) -> None:
+        """A control that searched on its own (not through :meth:`retrieve`) reports it here."""
+        self.cost["retrievals"] += len(rows)
+        self.cost["retrieval_s"] += seconds
+        for b, lab in zip(rows, labels):
+            self.fired[b] += 1
+            self.retrieved[b].extend(lab)
+
     # ---------------------------------------------------------------- prompts and cache
     def seqs(self, rows: Optional[Sequence[int]] = None) -> list[list[int]]:
         """Token ids each view reads: its prompt (with the row's evidence) + the row's generated tokens."""

@@ -143,6 +143,15 @@ class Scorer:
         self.engine.log_hits(hits, rows, q, None, [], positions=[self.step_no] * len(rows))
         return hits
 
+    def query_ids(self, row: int = 0, position: Optional[int] = None) -> list[int]:
+        """The last ``query_tokens`` token ids up to x_p (p: ``position``, default the current one)."""
+        p = self.step_no if position is None else position
+        return self.ids_cpu[max(0, p + 1 - self.engine.query_tokens):p + 1].tolist()
+
+    def count_retrieval(self, rows: list[int], labels: list[list[str]], seconds: float) -> None:
+        self.cost["retrievals"] += len(rows)
+        self.cost["retrieval_s"] += seconds
+
     def record(self, row: int, **fields) -> None:
         e = self.engine
         rec = {"task": e.task, "strategy": e.name, "control": e.control_name, "phase": "score", "id": None,
