@@ -4,8 +4,8 @@ With ``target_rate`` set, θ of :class:`rcd.schedule.Adaptive` is fitted on a *c
 disjoint from what is evaluated, then kept fixed for the evaluation:
 
 * ``task=lm``: the held-out tokens that follow the evaluated ones in each held-out document
-  (``task.calibration_tokens`` of them, spread like ``eval_tokens``), read by the plain model, the
-  same p_t the scorer decides on;
+  (``task.calibration_tokens`` of them, in spans of two windows spread evenly over the rest of each
+  document), read by the plain model: the same p_t the scorer decides on;
 * ``task=qa``: the questions after the evaluated ones (``task.calibration_questions`` of those the
   task's filter keeps and its sample left out), decoded by the strategy's engine with retrieval
   at step 0 only (so p_t already sees the first evidence, as in the evaluated run).
@@ -73,21 +73,35 @@ def calibrate_lm(cfg, lm, strategy, heldout_docs: list[dict]) -> Optional[dict]:
     if not wants_calibration(sched):
         return None
     t = cfg.task
-    budget = int(t.get("calibration_tokens") or 2048)
-    rests = []
-    for d in heldout_docs:
-        rest = d["text"][d["offset_chars"]:]
-        if rest.strip():
-            rests.append(rest)
-    if not rests:
+    budget = int(t.get("calibration_tokens") or 4096)
+    rests = [d["text"][d["offset_chars"]:] for d in heldout_docs]
+    rests = [lm.tokenizer(r, add_special_tokens=False)["input_ids"] for r in rests if r.strip()]
+    if not any(len(r) >= 2 for r in rests):
         raise CalibrationError("strategy.schedule.target_rate is set, but the held-out documents hold no text after "
                                "the evaluated tokens to calibrate on: lower task.eval_tokens, or set "
                                "strategy.schedule.target_rate=null and a threshold")
-    per_doc = max(2, budget // len(rests))
-    docs = [torch.tensor(lm.tokenizer(r, add_special_tokens=False)["input_ids"][:per_doc]) for r in rests]
+    docs = spans(rests, budget, 2 * int(t.window))
     conf, forced = lm_confidences(lm, sched, docs, int(t.window), int(t.stride))
-    return fit(sched, conf, forced, f"held-out text after the evaluated tokens ({sum(len(d) for d in docs)} tokens, "
-                                    f"{len(docs)} documents)")
+    return fit(sched, conf, forced, f"held-out text after the evaluated tokens ({sum(len(d) for d in docs)} tokens in "
+                                    f"{len(docs)} spans over {len(rests)} documents)")
+
+
+def spans(docs: list[list[int]], budget: int, span: int) -> list[torch.Tensor]:
+    """About ``budget`` tokens of ``docs`` as spans of ``span`` tokens spread evenly over each document
+    (the budget shared evenly between documents), so the stream samples all of the text, not its start."""
+    out = []
+    share = max(2, budget // max(1, len(docs)))
+    for ids in docs:
+        if len(ids) <= share:
+            out.append(torch.tensor(ids))
+            continue
+        n = max(1, -(-share // span))
+        size = share // n
+        gap = (len(ids) - size) / max(1, n - 1) if n > 1 else 0
+        for j in range(n):
+            s0 = int(round(j * gap))
+            out.append(torch.tensor(ids[s0:s0 + size]))
+    return [x for x in out if x.numel() >= 2]
 
 
 @torch.inference_mode()

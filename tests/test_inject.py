@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TEXTS
+from rcd.compat import cache_kwargs, output_cache
 from rcd.control.inject import InjectError, KNNAttention, KVInjection, find_rotary
 from rcd.datastore.latent import build_or_load, cache_layers
 from rcd.engine import Engine, Request
@@ -26,7 +27,7 @@ def latent(tiny_lm, tmp_path):
 
 def fresh_last_logprobs(lm, ids, position_ids=None, cache=None):
     with torch.no_grad():
-        out = lm.model(input_ids=torch.tensor([ids]), position_ids=position_ids, past_key_values=cache)
+        out = lm.model(input_ids=torch.tensor([ids]), position_ids=position_ids, **cache_kwargs(lm.model, cache))
     return torch.log_softmax(out.logits[0, -1].float(), -1)
 
 
@@ -54,9 +55,9 @@ def test_two_chunks_shift_is_block_attention(tiny_lm, latent):
     la, lb = latent.length(a), latent.length(b)
     assert pre.next_pos.tolist() == [la + lb] and pre.mask.tolist() == [[1] * (la + lb)]
     with torch.no_grad():
-        ca = cache_layers(tiny_lm.model(latent.tokens(a).view(1, -1), use_cache=True).past_key_values)
-        cb = cache_layers(tiny_lm.model(latent.tokens(b).view(1, -1), use_cache=True,
-                                        position_ids=torch.arange(la, la + lb).view(1, -1)).past_key_values)
+        ca = cache_layers(output_cache(tiny_lm.model(latent.tokens(a).view(1, -1), use_cache=True)))
+        cb = cache_layers(output_cache(tiny_lm.model(latent.tokens(b).view(1, -1), use_cache=True,
+                                                     position_ids=torch.arange(la, la + lb).view(1, -1))))
     for layer, ((ka, va), (kb, vb)) in enumerate(zip(ca, cb)):
         torch.testing.assert_close(pre.keys[layer], torch.cat([ka, kb], 2), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(pre.values[layer], torch.cat([va, vb], 2), atol=1e-5, rtol=1e-4)

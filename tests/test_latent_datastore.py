@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import TEXTS, as_loaded, tiny_llama
+from rcd.compat import cache_kwargs, output_cache
 from rcd.datastore import base
 from rcd.datastore.latent import LatentDatastore, build_or_load, cache_layers, merge_shards
 
@@ -19,7 +20,7 @@ KW = dict(chunking="tokens", chunk_size=24, overlap=0, retriever="bm25", progres
 def fresh_cache(lm, ids):
     with torch.no_grad():
         out = lm.model(ids.view(1, -1), use_cache=True)
-    return cache_layers(out.past_key_values)
+    return cache_layers(output_cache(out))
 
 
 def test_kv_cache_of_a_chunk_equals_a_fresh_forward_pass(tiny_lm, tmp_path):
@@ -47,7 +48,7 @@ def test_fp16_caches_continue_generation_like_the_full_forward(tiny_lm, tmp_path
     cache = ds.kv_cache([i])
     assert cache.get_seq_length() == len(chunk)
     with torch.no_grad():
-        got = tiny_lm.model(nxt, past_key_values=cache).logits
+        got = tiny_lm.model(nxt, **cache_kwargs(tiny_lm.model, cache)).logits
         want = tiny_lm.model(torch.cat([chunk.view(1, -1), nxt], 1)).logits[:, len(chunk):]
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
     # several chunks concatenate along the sequence; kv_batch pads per chunk

@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from rcd.compat import output_cache
 from rcd.control.base import Control
 from rcd.errors import RcdError
 from rcd.hooks import resolve_layer
@@ -173,10 +174,10 @@ class KVInjection(Control):
         dev = next(model.parameters()).device
         ids = torch.arange(3, 9, device=dev).view(1, -1) % max(2, model.get_output_embeddings().out_features)
         with torch.no_grad():
-            k0 = _layer_kv(model(input_ids=ids, position_ids=torch.arange(6, device=dev).view(1, -1),
-                                 use_cache=True).past_key_values)[0][0]
-            k5 = _layer_kv(model(input_ids=ids, position_ids=torch.arange(5, 11, device=dev).view(1, -1),
-                                 use_cache=True).past_key_values)[0][0]
+            k0 = _layer_kv(output_cache(model(input_ids=ids, position_ids=torch.arange(6, device=dev).view(1, -1),
+                                 use_cache=True)))[0][0]
+            k5 = _layer_kv(output_cache(model(input_ids=ids, position_ids=torch.arange(5, 11, device=dev).view(1, -1),
+                                 use_cache=True)))[0][0]
         got = self.rotate(k0, torch.full((6,), 5, device=dev))
         # rotating rounded keys again rounds once more: allow a few units of the cache dtype's precision
         # (bfloat16: ~3% of the largest key), far below the O(1) error of a model that is not rotate-half RoPE

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from rcd.compat import output_cache
 from rcd.control.inject import InjectError, KVInjection, _layer_kv
 
 
@@ -38,7 +39,7 @@ class ChunkKV:
         x = torch.tensor([ids], device=self.lm.device)
         out = self.lm.model(input_ids=x, position_ids=torch.arange(len(ids), device=x.device).view(1, -1),
                             use_cache=True)
-        kv = [(k.detach(), v.detach()) for k, v in _layer_kv(out.past_key_values)]
+        kv = [(k.detach(), v.detach()) for k, v in _layer_kv(output_cache(out))]
         self.computed += 1
         self.cache[i] = kv
         while len(self.cache) > self.cache_chunks:

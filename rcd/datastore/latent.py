@@ -36,6 +36,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from rcd.compat import output_cache
+
 from rcd.datastore import base, shards
 from rcd.datastore.base import NpyAppender
 from rcd.datastore.chunks import (ChunkDatastore, ChunkHits, folder_bytes, merge_chunk_folders, resolve_parts,
@@ -319,7 +321,7 @@ def write_latents(tmp: Path, lm, tokens: np.ndarray, offsets: np.ndarray, *, kv:
                 valid = mask.bool().view(-1)  # real tokens of the batch, in chunk order
                 res = runner(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=kv)
                 if kv:
-                    layers = cache_layers(res.past_key_values)
+                    layers = cache_layers(output_cache(res))
                     if not kv_files:
                         (tmp / "kv").mkdir()
                         kv_files = [NpyAppender(tmp / "kv" / f"layer{li:03d}.npy", kv_dtype,

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from rcd.compat import cache_kwargs, output_cache
 from rcd.errors import RcdError
 
 
@@ -30,7 +31,8 @@ def forward(model, ids, mask, pos, cache, cost: dict, keep: int = 1):
     """One cached forward; its seconds go to ``cost["model_s"]``."""
     t0 = time.perf_counter()
     kwargs = {"logits_to_keep": keep} if keep else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **kwargs)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(model, cache),
+                **kwargs)
     cost["model_s"] += time.perf_counter() - t0
     return out
 
@@ -63,7 +65,7 @@ def forward_padded(model, pad_id: int, device, seqs: list[list[int]], cost: dict
 
 def prefill(model, pad_id: int, device, seqs: list[list[int]], cost: dict, prefix=None) -> CacheState:
     out, full, pos = forward_padded(model, pad_id, device, seqs, cost, prefix=prefix, keep=1)
-    return CacheState(cache=out.past_key_values, mask=full, next_pos=pos[:, -1] + 1, logits=out.logits[:, -1].float())
+    return CacheState(cache=output_cache(out), mask=full, next_pos=pos[:, -1] + 1, logits=out.logits[:, -1].float())
 
 
 def step(model, device, state: CacheState, tokens: torch.Tensor, cost: dict) -> CacheState:
@@ -71,7 +73,7 @@ def step(model, device, state: CacheState, tokens: torch.Tensor, cost: dict) -> 
     mask = torch.cat([state.mask, torch.ones((R, 1), dtype=state.mask.dtype, device=state.mask.device)], 1)
     pos = state.next_pos.view(R, 1)
     out = forward(model, tokens.view(R, 1).to(device), mask, pos, state.cache, cost)
-    return CacheState(cache=out.past_key_values, mask=mask, next_pos=state.next_pos + 1,
+    return CacheState(cache=output_cache(out), mask=mask, next_pos=state.next_pos + 1,
                       logits=out.logits[:, -1].float(), last=tokens.view(R).to(device))
 
 
