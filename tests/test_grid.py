@@ -2,8 +2,6 @@
 generating and scoring on a tiny random model, and the new cells tags × context and chunks × inject (lazy KV)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from rcd.control import LazyKVInjection, Passage, TagContext, TokenContext
 from rcd.engine import Engine
 from rcd.schedule import EveryN, Once
 from rcd.strategy import Strategy
-from test_engine import DOCS, FakeChunks, fresh_logprobs
+from test_engine import DOCS, FakeChunks, FakeTagHits, FakeTags, fresh_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -72,22 +70,14 @@ def test_every_allowed_cell_generates_and_scores_on_a_tiny_model(tmp_path, censu
 
 
 # --------------------------------------------------------------------------- tags × context
-@dataclass
-class FakeTagHits:
-    tags: list
-    weights: list
-
-
-class FakeTags:
-    unit = "tags"
-
+class HamletTags(FakeTags):
     def search(self, queries, k):
         return FakeTagHits([["Hamlet", "Denmark", "ghost"] for _ in queries], [[0.5, 0.3, 0.2] for _ in queries])
 
 
 def test_tag_context_puts_the_retrieved_labels_in_the_prompt(tiny_lm):
     trace: list = []
-    st = Strategy("tc", datastore=FakeTags(), control=TagContext(max_tags=2), schedule=Once())
+    st = Strategy("tc", datastore=HamletTags(), control=TagContext(max_tags=2), schedule=Once())
     eng = Engine(tiny_lm, st, k=4, max_new_tokens=3, stop_at_eos=False, trace=trace)
     out = eng.generate(["who is it"])
     assert out.retrieved == [["Hamlet", "Denmark", "ghost"]] and out.fired == [1]
