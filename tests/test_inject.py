@@ -112,7 +112,7 @@ def test_shift_is_accepted_in_bfloat16_and_a_wrong_rotation_is_still_caught():
     bf16 = tiny_llama(hidden=64)[0].to(torch.bfloat16)
     KVInjection(positions="shift").check(bf16)  # refused before the tolerance followed the dtype
     wrong = KVInjection(positions="shift")
-    wrong.rotate = lambda k, d: KVInjection.rotate(wrong, k, d - 2)
+    wrong.rotate = lambda k, d, layer=0: KVInjection.rotate(wrong, k, d - 2, layer)
     with pytest.raises(InjectError, match="does not reproduce keys at shifted positions"):
         wrong.check(bf16)
 

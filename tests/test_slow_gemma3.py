@@ -48,7 +48,7 @@ def test_every_preset_runs_on_gemma3(gemma3, preset, tmp_path_factory):
         from rcd.engine import Engine
 
         strat.engine = Engine(gemma3, None)
-    res = strat.engine.score(doc["ids"], window=64, stride=32)
+    res = strat.engine.score(doc["ids"], window=256, stride=128)
     nll = res.nll if res.nll is not None else res.nll_none
     assert nll.shape == (95,) and bool((nll >= 0).all()) and float(nll.mean()) < 20
     out = strat.engine.generate(["To be, or not to be"], max_new_tokens=3)

@@ -121,7 +121,7 @@ class Control:
 
     def passages(self, run, hits, j: int) -> list:
         """Row ``j`` of a text-query search as the passages this control keeps (default: chunk hits)."""
-        from rcd.engine.query import passages_from_hits
+        from rcd.control.context import passages_from_hits
 
         return passages_from_hits(hits, j)
 

@@ -46,6 +46,31 @@ class Passage:
     id: int = -1  # datastore entry id (-1: not from a datastore)
 
 
+def passages_from_hits(hits, row: int) -> list[Passage]:
+    """Chunk hits row -> passages (entries with id < 0 are "no hit" and dropped)."""
+    ids = hits.ids[row].tolist()
+    scores = hits.scores[row].tolist()
+    out = []
+    for j, i in enumerate(ids):
+        if i < 0:
+            continue
+        out.append(Passage(text=hits.texts[row][j], doc_id=str(hits.doc_ids[row][j]), score=float(scores[j]),
+                           rank=len(out) + 1, id=int(i)))
+    return out
+
+
+def merge_passages(old: list[Passage], new: list[Passage]) -> list[Passage]:
+    """``old`` then the passages of ``new`` not already there (same document id, or same text)."""
+    seen = {p.doc_id or p.text for p in old}
+    out = list(old)
+    for p in new:
+        key = p.doc_id or p.text
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     """prompt text = [chat wrapper of] header + join(passages) + footer + prompt (see module doc)."""

@@ -367,13 +367,11 @@ class KNNAttention(Control):
 
     def score_after(self, scorer) -> torch.Tensor:
         """A second pass over the windows with the memories on at the firing positions."""
-        from rcd.engine.scoring import windows
-
         fire_set = set(scorer.fires)
         model, ids, nll = scorer.engine.model, scorer.ids, scorer.nll_none.clone()
         self.attach(model, scorer)
         try:
-            for begin, end, first in windows(scorer.n, scorer.window, scorer.stride):
+            for begin, end, first in scorer.windows():
                 self.active = torch.tensor([[p in fire_set for p in range(begin, end)]])
                 t0 = time.perf_counter()
                 logits = model(input_ids=ids[begin:end].view(1, -1), use_cache=False).logits[0].float()

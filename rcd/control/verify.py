@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from rcd.control.base import LogitsControl
+from rcd.control.context import merge_passages, passages_from_hits
 
 STOPWORDS = frozenset("""
 a an the and or but if then else of in on at to for from by with without about into onto over under as is are was
@@ -107,8 +108,6 @@ class Verify(LogitsControl):
 
     def verify_rows(self, run, rows: list[int], at_end: bool) -> bool:
         """Check the sentence each row just finished; roll back rejected ones. True if any was rejected."""
-        from rcd.engine.query import merge_passages, passages_from_hits
-
         e = run.engine
         sentences = {}
         for b in rows:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional, Sequence
 
-from rcd.control.context import Passage
+from rcd.control.context import Passage, merge_passages, passages_from_hits  # noqa: F401 (re-exported)
 
 QUERY_MODES = ("auto", "prompt", "last_sentence", "last_tokens", "prompt+generated")
 
@@ -47,31 +47,6 @@ def build_query(mode: str, base: str, prompt_ids: Callable[[], list[int]], gen: 
         return s or base
     ids = prompt_ids() + list(gen)
     return decode(ids[-query_tokens:])
-
-
-def passages_from_hits(hits, row: int) -> list[Passage]:
-    """Chunk hits row -> passages (entries with id < 0 are "no hit" and dropped)."""
-    ids = hits.ids[row].tolist()
-    scores = hits.scores[row].tolist()
-    out = []
-    for j, i in enumerate(ids):
-        if i < 0:
-            continue
-        out.append(Passage(text=hits.texts[row][j], doc_id=str(hits.doc_ids[row][j]), score=float(scores[j]),
-                           rank=len(out) + 1, id=int(i)))
-    return out
-
-
-def merge_passages(old: list[Passage], new: list[Passage]) -> list[Passage]:
-    """``old`` then the passages of ``new`` not already there (same document id, or same text)."""
-    seen = {p.doc_id or p.text for p in old}
-    out = list(old)
-    for p in new:
-        key = p.doc_id or p.text
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
 
 
 def tag_evidence(hits, row: int, tokenizer, encode: Callable[[str], list[int]], tag_format: str

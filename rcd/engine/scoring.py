@@ -130,6 +130,10 @@ class Scorer:
         self.has_evidence = torch.zeros(1, dtype=torch.bool)
         self.step_no = 0
 
+    def windows(self) -> list[tuple[int, int, int]]:
+        """The (begin, end, first) windows of this text (:func:`windows`)."""
+        return windows(self.n, self.window, self.stride)
+
     # ---------------------------------------------------------------- evidence
     def query_at(self, p: int) -> str:
         """The text query at position p: the last ``query_tokens`` tokens up to x_p."""
@@ -255,7 +259,7 @@ class Scorer:
         if hooked:
             c.attach(model, self)
         try:
-            for begin, end, first in windows(self.n, self.window, self.stride):
+            for begin, end, first in self.windows():
                 t0 = time.perf_counter()
                 logits = model(input_ids=self.ids[begin:end].view(1, -1), use_cache=False).logits[0].float()
                 seconds_none += time.perf_counter() - t0
