@@ -16,7 +16,7 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 from conftest import tiny_run_files
 from rcd.control import Control, ControlError, ContextControl, KNNInterpolation, LogitsControl, SpanFilter, TagBias
 from rcd.control import check_protocol
-from rcd.engine import Engine, Request
+from rcd.engine import Engine
 from rcd.schedule import EveryN, scheduled
 from rcd.strategy import Strategy
 from test_engine import DOCS, PROMPTS, FakeChunks, fresh_logprobs

@@ -14,7 +14,7 @@ Both reset their per-call state when ``generate`` starts a new call
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
