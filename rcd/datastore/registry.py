@@ -39,11 +39,6 @@ def datastore_class(unit: str):
     return getattr(importlib.import_module(mod), cls)
 
 
-def build_function(unit: str) -> Callable:
-    _check(unit)
-    return importlib.import_module(UNITS[unit][0]).build_or_load
-
-
 def merge_function(unit: str) -> Callable:
     """``merge(lm, corpus_ds, corpus_name, root, *, num_shards, **cfg)`` for ``unit``."""
     _check(unit)

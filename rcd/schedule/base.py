@@ -1,9 +1,11 @@
 """Base of the "when" axis: a :class:`Schedule` decides, per decoding step, which rows retrieve.
 
 One instance serves one decoding run, batched over ``B`` rows. The engine calls
-:meth:`Schedule.should_fire` once per generated token; the perplexity scorer calls the
-vectorised :meth:`Schedule.fire_mask` over all ``T`` positions at once. Both forms give the
-same answer (tests check it), so generation and scoring retrieve at the same steps.
+:meth:`Schedule.should_fire` once per generated token, and the perplexity scorer
+(:class:`rcd.engine.scoring.Scorer`) once per scored position, so generation and scoring retrieve
+at the same steps by the same code. :meth:`Schedule.fire_mask` is the vectorised form over all
+``T`` positions of a batch at once, for use outside rcd's loops (tests check it equals
+``should_fire``).
 
 Step convention
 ---------------
