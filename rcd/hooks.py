@@ -50,6 +50,13 @@ def resolve_layer(model: nn.Module, layer: Layer) -> tuple[nn.Module, str]:
     return blocks[idx], "post"
 
 
+def key_layer(datastore) -> Layer:
+    """The layer a datastore's keys come from: its manifest's ``layer`` (``final`` when unset)."""
+    manifest = getattr(datastore, "manifest", None) or {}
+    layer = manifest.get("layer")
+    return "final" if layer in (None, "final", "lm_head") else int(layer)
+
+
 class HiddenCapture:
     """Keeps the hidden states [B, T, H] that pass a layer during the most recent forward."""
 

@@ -464,7 +464,7 @@ def test_span_filter_only_emits_text_from_the_evidence(tiny_lm):
     from rcd.control.span_filter import SpanFilter
 
     prov: list = []
-    st = Strategy("span", datastore=FakeChunks(DOCS), control=SpanFilter(eos_token_id=-1), schedule=Once())
+    st = Strategy("span", datastore=FakeChunks(DOCS), control=SpanFilter(), schedule=Once())
     prompts = ["hello world", "to be or not to be", "a rose", "the cat"]
     out = Engine(tiny_lm, st, k=2, max_new_tokens=12, provenance=prov).generate(prompts)
     assert st.control.eos == [1]  # -1 in the config: the engine sets the tokenizer's eos

@@ -391,14 +391,25 @@ class KNNAttention(Control):
         self.detach()
         self._module, self._kind = resolve_layer(model, self.memory_layer())
         if on_retrieval is None and run is not None:
-            on_retrieval = getattr(run, "on_memory_retrieval", None) or (
-                lambda mask, ids, scores, sec: run.cost.__setitem__("retrieval_s", run.cost["retrieval_s"] + sec))
+            on_retrieval = lambda mask, ids, scores, sec: self._report(run, mask, ids, scores, sec)  # noqa: E731
         self._on_retrieval = on_retrieval
         if self._kind == "pre":
             self._handle = self._module.register_forward_pre_hook(self._pre)
         else:
             self._handle = self._module.register_forward_hook(self._post)
         return self
+
+    @staticmethod
+    def _report(run, mask: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, seconds: float) -> None:
+        """A memory search during ``run``: its time, and in generation the provenance of each row's last position."""
+        run.cost["retrieval_s"] += seconds
+        if run.phase != "generate":
+            return
+        T = mask.shape[1]
+        for n, (r, t) in enumerate(mask.nonzero().tolist()):
+            if t == T - 1 and r % run.V == 0:
+                run.record(r // run.V, memory_ids=ids[n, :8].tolist(),
+                           scores=[float(x) if math.isfinite(x) else None for x in scores[n, :8].tolist()])
 
     def detach(self) -> None:
         if self._handle is not None:

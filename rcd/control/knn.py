@@ -75,10 +75,10 @@ class KNNInterpolation(LogitsControl):
 
     # ------------------------------------------------------------------ engine protocol
     def key_layer(self):
-        """The layer the datastore's keys come from (``final`` unless its manifest says otherwise)."""
-        manifest = getattr(self.datastore, "manifest", None) or {}
-        layer = manifest.get("layer")
-        return "final" if layer in (None, "final", "lm_head") else int(layer)
+        """The layer the datastore's keys come from (:func:`rcd.hooks.key_layer`)."""
+        from rcd.hooks import key_layer
+
+        return key_layer(self.datastore)
 
     def prepare(self, lm, eos_ids) -> None:
         from rcd.hooks import resolve_layer

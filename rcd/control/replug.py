@@ -124,9 +124,21 @@ class ReplugEnsemble(LogitsControl):
         ps = run.passages[row]
         return [[ps[v]] if v < len(ps) else [] for v in range(run.V)]
 
+    @staticmethod
+    def view_scores(run) -> torch.Tensor:
+        """[B, V] retrieval score of the passage each view reads (-inf for views without one)."""
+        s = torch.zeros(run.B, run.V)
+        for b in range(run.B):
+            ps = run.passages[b]
+            if ps:
+                s[b] = float("-inf")
+                for v in range(min(run.V, len(ps))):
+                    s[b, v] = ps[v].score
+        return s
+
     def logprobs(self, run, logits: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
         doc = logits.view(run.B, run.V, -1)
-        return self.apply(doc[:, 0], doc_logprobs=doc, doc_scores=run.doc_scores().to(doc.device))
+        return self.apply(doc[:, 0], doc_logprobs=doc, doc_scores=self.view_scores(run).to(doc.device))
 
     def score_window(self, scorer, win):
         return None  # the views are scored after the plain pass (score_after)

@@ -57,10 +57,15 @@ class SpanFilter(LogitsControl):
     score_refusal = ("the span filter is a hard mask for extractive answers: the perplexity of text outside the "
                      "evidence is infinite. Use it on a QA task, or choose control=context|replug|tag_bias")
 
-    def __init__(self, eos_token_id: int | Sequence[int], allow_eos: bool = True) -> None:
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not eos:
-            raise ValueError("SpanFilter: eos_token_id is required (it ends the span and is the fallback)")
+    def __init__(self, eos_token_id: Optional[int | Sequence[int]] = None, allow_eos: bool = True) -> None:
+        """``eos_token_id``: the token(s) that end a span (the fallback when nothing may follow); None:
+        the model's eos tokens, set by the engine at start-up (:meth:`prepare`)."""
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if eos_token_id is not None and not eos:
+            raise ValueError("SpanFilter: eos_token_id is an empty list; give the eos token id(s), or null for the "
+                             "model's")
+        if any(int(e) < 0 for e in eos):
+            raise ValueError(f"SpanFilter: eos_token_id {eos_token_id} is not a token id; null means the model's eos")
         self.eos: list[int] = [int(e) for e in eos]
         self.allow_eos = bool(allow_eos)
         self.rows: Optional[list[Optional[_RowIndex]]] = None
@@ -88,7 +93,7 @@ class SpanFilter(LogitsControl):
 
     # ------------------------------------------------------------------ engine protocol
     def prepare(self, lm, eos_ids) -> None:
-        if self.eos == [-1]:  # the config's placeholder: the model's eos tokens
+        if not self.eos:  # eos_token_id=None: the model's eos tokens
             self.eos = sorted(int(e) for e in eos_ids)
 
     def take(self, run, rows: list[int], hits) -> None:
@@ -130,6 +135,8 @@ class SpanFilter(LogitsControl):
         base = torch.log_softmax(scores, dim=-1)
         if self.rows is None:
             raise ValueError("SpanFilter: no evidence; call set_evidence(evidence) first")
+        if not self.eos:
+            raise ValueError("SpanFilter: no eos token: pass eos_token_id= (outside rcd's engine, which sets the model's)")
         if input_ids is None:
             raise ValueError("SpanFilter needs input_ids (the answer generated so far) to know what may follow")
         n, vocab = scores.shape

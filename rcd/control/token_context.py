@@ -34,9 +34,10 @@ class TokenContext(ContextControl):
         self.before, self.after = int(before), int(after)
 
     def key_layer(self):
-        manifest = getattr(self.datastore, "manifest", None) or {}
-        layer = manifest.get("layer")
-        return "final" if layer in (None, "final", "lm_head") else int(layer)
+        """The layer the datastore's keys come from (:func:`rcd.hooks.key_layer`)."""
+        from rcd.hooks import key_layer
+
+        return key_layer(self.datastore)
 
     def prepare(self, lm, eos_ids) -> None:
         from rcd.hooks import resolve_layer
@@ -80,13 +81,8 @@ class TokenContext(ContextControl):
             run.has_evidence[b] = True
 
     def segments(self, scorer) -> list:
-        fires = scorer.fires
-        found: list = []
-        for s0 in range(0, len(fires), 64):
-            ps = fires[s0:s0 + 64]
-            found.extend(self.neighbour_passages(scorer, [scorer.query_ids(0, p) for p in ps], [0] * len(ps), ps))
-        bounds = [(p, fires[i + 1] if i + 1 < len(fires) else scorer.n - 1) for i, p in enumerate(fires)]
-        return [(a, b, ps) for (a, b), ps in zip(bounds, found) if a < b and ps]
+        return scorer.segments(search=lambda ps: self.neighbour_passages(
+            scorer, [scorer.query_ids(0, p) for p in ps], [0] * len(ps), ps))
 
     def __repr__(self) -> str:
         return f"TokenContext(k={self.k}, before={self.before}, after={self.after}, max_passages={self.max_passages})"

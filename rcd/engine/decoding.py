@@ -20,7 +20,6 @@ The control reads and writes the run through a small surface: ``passages[b]`` an
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional, Sequence
 
@@ -125,17 +124,6 @@ class Decoding:
             for ps in views:
                 out.append(e.prompt_ids(req.prompt, ps, self.template) + self.gen[b])
         return out
-
-    def doc_scores(self) -> torch.Tensor:
-        """[B, V] retrieval score of the passage each view reads (-inf for views without one)."""
-        s = torch.zeros(self.B, self.V)
-        for b in range(self.B):
-            ps = self.passages[b]
-            if ps:
-                s[b] = float("-inf")
-                for v in range(min(self.V, len(ps))):
-                    s[b, v] = ps[v].score
-        return s
 
     def prefill_rows(self, rows: Sequence[int]) -> CacheState:
         c = self.control
@@ -265,14 +253,3 @@ class Decoding:
                 self.pending = nxt
         self.cost["tokens"] = sum(len(g) for g in self.gen)
         self.cost["wall_s"] = time.perf_counter() - t_start
-
-    def on_memory_retrieval(self, mask: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
-                            seconds: float) -> None:
-        """For forward hooks that search memories: the time, and provenance of each row's last position."""
-        self.cost["retrieval_s"] += seconds
-        T = mask.shape[1]
-        for n, (r, t) in enumerate(mask.nonzero().tolist()):
-            if t == T - 1 and r % self.V == 0:
-                self.record(r // self.V, memory_ids=ids[n, :8].tolist(),
-                            scores=[float(x) if math.isfinite(x) else None for x in scores[n, :8].tolist()])
-

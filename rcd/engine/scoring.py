@@ -140,12 +140,16 @@ class Scorer:
         e = self.engine
         return e.decode(self.ids_cpu[max(0, p + 1 - e.query_tokens):p + 1].tolist())
 
+    def search_at(self, positions: list[int]):
+        """One text search with the query at each of ``positions`` (provenance logged); the hits."""
+        queries = [self.query_at(p) for p in positions]
+        hits = self.engine.search(queries, self.cost)
+        self.engine.log_hits(hits, [0] * len(positions), queries, None, [], positions=list(positions))
+        return hits
+
     def retrieve(self, rows: list[int], sentences=None):
         """Search with the query at the current position (``step_no``)."""
-        q = [self.query_at(self.step_no)] * len(rows)
-        hits = self.engine.search(q, self.cost)
-        self.engine.log_hits(hits, rows, q, None, [], positions=[self.step_no] * len(rows))
-        return hits
+        return self.search_at([self.step_no] * len(rows))
 
     def query_ids(self, row: int = 0, position: Optional[int] = None) -> list[int]:
         """The last ``query_tokens`` token ids up to x_p (p: ``position``, default the current one)."""
@@ -163,17 +167,19 @@ class Scorer:
         rec.update(fields)
         e.provenance.append(rec)
 
-    def segments(self, batch: int = 64) -> list[tuple[int, int, list]]:
+    def segments(self, batch: int = 64, search: Optional[Callable] = None) -> list[tuple[int, int, list]]:
         """(a, b, passages): the passages retrieved at firing position a, which hold for positions [a, b)
-        (until the next firing position); segments without passages are left out (plain NLL)."""
-        e, fires = self.engine, self.fires
-        found = []
+        (until the next firing position); segments without passages are left out (plain NLL).
+        ``search(positions) -> passages per position`` (default: a text search, rows made passages by
+        the control's :meth:`~rcd.control.base.Control.passages`), asked ``batch`` positions at a time."""
+        if search is None:
+            def search(ps):
+                hits = self.search_at(ps)
+                return [self.control.passages(self, hits, j) for j in range(len(ps))]
+        fires = self.fires
+        found: list = []
         for s0 in range(0, len(fires), batch):
-            ps = fires[s0:s0 + batch]
-            queries = [self.query_at(p) for p in ps]
-            hits = e.search(queries, self.cost)
-            e.log_hits(hits, [0] * len(ps), queries, None, [], positions=ps)
-            found.extend(self.control.passages(self, hits, j) for j in range(len(ps)))
+            found.extend(search(fires[s0:s0 + batch]))
         bounds = [(p, fires[i + 1] if i + 1 < len(fires) else self.n - 1) for i, p in enumerate(fires)]
         return [(a, b, ps) for (a, b), ps in zip(bounds, found) if a < b and ps]
 
