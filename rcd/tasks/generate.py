@@ -29,7 +29,8 @@ class _FirstTokenTimer(LogitsProcessor):
 
 
 @torch.inference_mode()
-def generate(lm, prompts: list[str], processor=None, *, max_new_tokens: int = 64, do_sample: bool = False, seed: int = 0, long_prompt: str = "truncate_left") -> dict:
+def generate(lm, prompts: list[str], processor=None, *, max_new_tokens: int = 64, do_sample: bool = False,
+             seed: int = 0, long_prompt: str = "truncate_left") -> dict:
     """Greedy (or seeded sampling) continuations; ``processor`` is a LogitsProcessor or None.
 
     A prompt whose tokens and ``max_new_tokens`` exceed the model's context keeps its last tokens
