@@ -75,3 +75,23 @@ def test_qa_task_calibrates_on_questions_it_does_not_evaluate(tmp_path):
     with pytest.raises(CalibrationError, match="every question of task.path is evaluated"):
         execute(cfg_for(["+strategy=adaptive", "strategy.schedule.target_rate=0.5", "task.n=null", "force=true"]
                         + over))
+
+
+def test_a_run_whose_adaptive_trigger_never_fires_warns_and_records_it(tmp_path, caplog):
+    """The task logs the schedule's rate at the end (Schedule.log_stats) and Adaptive.check_rate warns when
+    the trigger is degenerate: θ=0 with max_prob never fires (no probability is below 0)."""
+    import logging
+
+    from test_run import cfg_for
+
+    from rcd.run import execute
+
+    text = "to be or not to be, that is the question.\n" * 20
+    with pytest.warns(RuntimeWarning, match="fired 0 of .* the trigger is degenerate"), \
+            caplog.at_level(logging.INFO, logger="rcd.schedule.base"):
+        res = execute(cfg_for(["+strategy=adaptive", "strategy.schedule.threshold=0.0",
+                               "strategy.schedule.fire_at_start=false", "task.eval_tokens=200",
+                               "task.generate=false"] + _lm_files(tmp_path, text)))
+    sched = res["metrics"]["schedule"]
+    assert sched["fired"] == 0 and sched["asked"] >= 20 and sched["retrieval_rate"] == 0.0
+    assert any("fired 0 / " in r.getMessage() for r in caplog.records)

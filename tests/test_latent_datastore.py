@@ -51,12 +51,11 @@ def test_fp16_caches_continue_generation_like_the_full_forward(tiny_lm, tmp_path
         got = tiny_lm.model(nxt, **cache_kwargs(tiny_lm.model, cache)).logits
         want = tiny_lm.model(torch.cat([chunk.view(1, -1), nxt], 1)).logits[:, len(chunk):]
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
-    # several chunks concatenate along the sequence; kv_batch pads per chunk
+    # several chunks concatenate along the sequence, in order, -1 skipped
     two = ds.kv([0, -1, 2])
     assert two[0][0].shape[2] == ds.length(0) + ds.length(2)
-    (k, v), lengths = ds.kv_batch([0, 2])[0][0], ds.kv_batch([0, 2])[1]
-    assert lengths.tolist() == [ds.length(0), ds.length(2)]
-    torch.testing.assert_close(k[1, :, :ds.length(2)], ds.kv([2])[0][0][0])
+    torch.testing.assert_close(two[0][0][0, :, :ds.length(0)], ds.kv([0])[0][0][0])
+    torch.testing.assert_close(two[0][1][0, :, ds.length(0):], ds.kv([2])[0][1][0])
 
 
 def test_memories_are_block_outputs_and_search_finds_them(tiny_lm, tmp_path):
@@ -75,7 +74,8 @@ def test_memories_are_block_outputs_and_search_finds_them(tiny_lm, tmp_path):
     torch.testing.assert_close(values[:, 0], q)
     assert values.shape == (2, 3, tiny_lm.hidden_size)
     assert ds.memory_chunk(ids[:, :1]).flatten().tolist() == [i, i]
-    assert ds.memory_tokens(ids[:, 0]).tolist() == [ds.tokens(i)[3].item(), ds.tokens(i)[-1].item()]
+    # memory m is token m of the flat token array
+    assert [int(ds.tokens_flat[int(m)]) for m in ids[:, 0]] == [ds.tokens(i)[3].item(), ds.tokens(i)[-1].item()]
 
 
 def test_separate_value_layer_and_kv_off(tiny_lm, tmp_path):

@@ -112,11 +112,6 @@ class LatentDatastore:
         idx = np.searchsorted(self.offsets, ids.clamp_min(0).cpu().numpy(), side="right") - 1
         return torch.from_numpy(idx).masked_fill_(torch.as_tensor(ids.cpu() < 0), -1).to(ids.device)
 
-    def memory_tokens(self, ids) -> torch.LongTensor:
-        ids = torch.as_tensor(ids)
-        tok = np.asarray(self.tokens_flat, dtype=np.int64)[ids.clamp_min(0).cpu().numpy()]
-        return torch.from_numpy(tok).masked_fill_(torch.as_tensor(ids.cpu() < 0), -1).to(ids.device)
-
     # ---------------------------------------------------------------- KV caches
     def _need_kv(self):
         if self.kv_layers is None:
@@ -157,26 +152,6 @@ class LatentDatastore:
         from transformers import DynamicCache
 
         return DynamicCache(self.kv(ids, dtype), config=self.lm.model.config)
-
-    def kv_batch(self, ids, dtype: Optional[torch.dtype] = None):
-        """Per layer (keys, values) [B, kv_heads, L_max, head_dim], one row per chunk (zero padded on the
-        right), and the lengths [B]."""
-        self._need_kv()
-        ids = self._ids(ids)
-        lengths = torch.tensor([self.length(i) for i in ids], dtype=torch.long)
-        L = int(lengths.max()) if len(ids) else 0
-        dtype = dtype or self.dtype
-        out = []
-        for arr in self.kv_layers:
-            h, d = arr.shape[2], arr.shape[3]
-            k = torch.zeros(len(ids), h, L, d, dtype=dtype)
-            v = torch.zeros(len(ids), h, L, d, dtype=dtype)
-            for b, i in enumerate(ids):
-                x = torch.from_numpy(np.array(arr[self.offsets[i]:self.offsets[i + 1]])).to(dtype)
-                k[b, :, :x.shape[0]] = x[:, 0].transpose(0, 1)
-                v[b, :, :x.shape[0]] = x[:, 1].transpose(0, 1)
-            out.append((k.to(self.device), v.to(self.device)))
-        return out, lengths.to(self.device)
 
     # ---------------------------------------------------------------- search
     def search(self, queries: list[str], k: int) -> ChunkHits:

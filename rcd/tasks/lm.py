@@ -137,8 +137,8 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
         metrics["calibration"] = dict(calibration, achieved_rate=metrics["perplexity"]["retrieval_rate"])
     # which text was scored: the rule (token_budget) and each document's scored tokens
     metrics["perplexity"]["documents"] = [{"id": d["id"], "tokens": int(d["ids"].numel()) - 1} for d in docs]
-    if strategy.schedule is not None and hasattr(strategy.schedule, "stats"):
-        metrics["schedule"] = strategy.schedule.stats()
+    if strategy.schedule is not None and hasattr(strategy.schedule, "log_stats"):
+        metrics["schedule"] = strategy.schedule.log_stats()  # logs the rate; Adaptive warns if degenerate
     prompts = []
     if t.get("generate", True):  # task.prompts, or lines of the evaluated documents (prompts_from)
         prompts = list(t.prompts) if t.get("prompts") else prompts_from(docs, int(t.get("num_prompts", 2)))
