@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from rcd.control.base import LogitsControl
+from rcd.hooks import HiddenCapture, key_layer, resolve_layer
 
 
 def knn_log_probs(scores: torch.Tensor, tokens: torch.Tensor, vocab_size: int, temperature: float,
@@ -74,25 +75,15 @@ class KNNInterpolation(LogitsControl):
         return self
 
     # ------------------------------------------------------------------ engine protocol
-    def key_layer(self):
-        """The layer the datastore's keys come from (:func:`rcd.hooks.key_layer`)."""
-        from rcd.hooks import key_layer
-
-        return key_layer(self.datastore)
-
     def prepare(self, lm, eos_ids) -> None:
-        from rcd.hooks import resolve_layer
-
-        resolve_layer(lm.model, self.key_layer())  # a layer the model lacks fails at start-up
+        resolve_layer(lm.model, key_layer(self.datastore))  # a layer the model lacks fails at start-up
 
     def attach(self, model, run=None) -> "KNNInterpolation":
         """Capture the query states at the key layer during the next forwards."""
-        from rcd.hooks import HiddenCapture
-
         self.detach()
-        cap = self.capture
-        if not isinstance(cap, HiddenCapture) or cap.model is not model or cap.layer != self.key_layer():
-            cap = HiddenCapture(model, self.key_layer())
+        cap, layer = self.capture, key_layer(self.datastore)
+        if not isinstance(cap, HiddenCapture) or cap.model is not model or cap.layer != layer:
+            cap = HiddenCapture(model, layer)
         self.capture = cap.attach()
         self._attached = True
         return self

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from rcd.control.context import ContextControl, Passage
+from rcd.hooks import HiddenCapture, key_layer, resolve_layer
 
 
 class TokenContext(ContextControl):
@@ -33,26 +34,16 @@ class TokenContext(ContextControl):
         self.k = None if k is None else int(k)
         self.before, self.after = int(before), int(after)
 
-    def key_layer(self):
-        """The layer the datastore's keys come from (:func:`rcd.hooks.key_layer`)."""
-        from rcd.hooks import key_layer
-
-        return key_layer(self.datastore)
-
     def prepare(self, lm, eos_ids) -> None:
-        from rcd.hooks import resolve_layer
-
-        resolve_layer(lm.model, self.key_layer())
+        resolve_layer(lm.model, key_layer(self.datastore))
 
     @torch.inference_mode()
     def neighbour_passages(self, run, queries: list[list[int]], rows: list[int], steps: list[int]
                            ) -> list[list[Passage]]:
         """The passages of each query's nearest entries (one forward of the query tokens, one search);
         ``rows``/``steps``: where each query was asked (counts and provenance)."""
-        from rcd.hooks import HiddenCapture
-
         e = run.engine
-        with HiddenCapture(e.model, self.key_layer()) as cap:
+        with HiddenCapture(e.model, key_layer(self.datastore)) as cap:
             e.forward_padded(queries, run.cost, keep=1)
             hidden = cap.hidden[:, -1].float()
         t0 = time.perf_counter()
