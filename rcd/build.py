@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("rcd.build")
 
@@ -124,7 +124,7 @@ def _build(cfg: DictConfig, map_fn=None) -> dict[str, Any]:
         raise ValueError("+merge=true needs datastore.num_shards=<n> (the number of shards that were built)")
     t0 = time.perf_counter()
     lm = None
-    if registry.needs_model(unit, params):
+    if registry.needs_model(params):
         from rcd.models import load_model
 
         lm = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
@@ -163,23 +163,15 @@ def _build(cfg: DictConfig, map_fn=None) -> dict[str, Any]:
 def _build_store(cfg, node, params: dict, unit: str, lm, corpus_ds, corpus_name: str, root: Path, merge: bool,
                  map_fn=None):
     from rcd.datastore import registry
-    from rcd.datastore.shards import shard_corpus
     from rcd.strategy import call_target
 
     progress = bool(cfg.get("progress", True))
     if merge:
+        merge_shards = registry.unit_of(params).merge_shards
         params.pop("_target_")
         if map_fn is not None:
             params["map_fn"] = map_fn  # the token merge fills an on-disk index's blocks with it
-        return registry.merge_function(unit)(lm, corpus_ds, corpus_name, root, progress=progress, **params)
-    if unit == "tokens" and (params.get("shard") is not None or params.get("num_shards") is not None):
-        # the token unit's build_or_load knows nothing of shards: give it the shard's rows
-        sub, label = shard_corpus(corpus_ds, corpus_name, params.get("shard"), params.get("num_shards"))
-        node = node.copy()
-        with open_dict(node):
-            node.pop("shard", None)
-            node.pop("num_shards", None)
-        return call_target(node, lm=lm, corpus_ds=sub, corpus_name=label, root=root, progress=progress)
+        return merge_shards(lm, corpus_ds, corpus_name, root, progress=progress, **params)
     return call_target(node, lm=lm, corpus_ds=corpus_ds, corpus_name=corpus_name, root=root, progress=progress)
 
 

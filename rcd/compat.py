@@ -20,6 +20,15 @@ def cache_kwargs(model, cache) -> dict:
     return {_cache_arg(type(model)): cache}
 
 
+def cache_layers(cache) -> list:
+    """(keys, values) [B, kv_heads, T, head_dim] of every layer of a transformers cache (any version)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v in cache]
+
+
 def output_cache(out):
     """The KV cache a forward returned (``out.cache`` or ``out.past_key_values``)."""
     c = getattr(out, "cache", None) if "cache" in getattr(out, "__dataclass_fields__", {}) else None

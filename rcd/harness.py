@@ -56,7 +56,7 @@ class RcdLM(LM):
         from rcd import strategy as strategy_mod
         from rcd.models import load_model
         from rcd.paths import datastore_root
-        from rcd.report import compose
+        from rcd.paper.experiments import compose
         from rcd.validate import check_config, check_with_model
 
         ov = [_override(k, v) for k, v in overrides.items()]

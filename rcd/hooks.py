@@ -34,7 +34,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def resolve_layer(model: nn.Module, layer: Layer) -> tuple[nn.Module, str]:
-    """Module to hook and hook kind ('pre' = its input, 'post' = its output)."""
+    """Module to hook and the side of it to read ('pre' = its input, 'post' = its output)."""
     if layer in ("final", "lm_head", None):
         head = model.get_output_embeddings()
         if head is None:
@@ -63,7 +63,7 @@ class HiddenCapture:
     def __init__(self, model: nn.Module, layer: Layer = "final"):
         self.model = model
         self.layer = layer
-        self.module, self.kind = resolve_layer(model, layer)
+        self.module, self.side = resolve_layer(model, layer)
         self.hidden: Optional[torch.Tensor] = None
         self._handle = None
 
@@ -77,7 +77,7 @@ class HiddenCapture:
 
     def attach(self) -> "HiddenCapture":
         if self._handle is None:
-            if self.kind == "pre":
+            if self.side == "pre":
                 self._handle = self.module.register_forward_pre_hook(self._pre)
             else:
                 self._handle = self.module.register_forward_hook(self._post)

@@ -7,7 +7,7 @@
 * every control and schedule parameter, by building the control and schedule from config (their
   constructors check ranges; an unknown key is refused with the accepted ones);
 * every datastore parameter (:data:`DATASTORE_RULES`; unknown keys against the unit's
-  ``build_or_load`` signature);
+  ``build_or_load`` Params);
 * the task's parameters and data (the task module's ``validate(cfg)``: e.g. every row of a QA file);
 * the corpus files (:func:`rcd.corpus.check_node`: present, UTF-8, valid JSON lines, non-empty,
   with the text column in every row) and the leak-check settings.
@@ -112,8 +112,14 @@ def check_datastore(node: Optional[DictConfig], prefix: str = "datastore") -> No
         fn = _resolve(target)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"{prefix}._target_", f"{target!r} cannot be imported ({e})") from None
-    sig = inspect.signature(fn)
-    known = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY or p.kind == p.POSITIONAL_OR_KEYWORD}
+    from rcd.datastore.unit import Unit
+
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, Unit):  # a unit's build_or_load: its Params are the config keys
+        known = owner.config_keys()
+    else:
+        sig = inspect.signature(fn)
+        known = {n for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     known |= {"unit", "shard", "num_shards"}
     unknown = sorted(set(params) - known)
     if unknown:

@@ -268,8 +268,8 @@ def print_profile(label: str, prof: dict, top: int = 15, own: int = 8) -> None:
 
 # ====================================================================== presets through rcd.run's path
 def compose(overrides: Sequence[str]):
-    """The config ``python -m rcd.run <overrides>`` would run (rcd.report.compose: Hydra, conf/)."""
-    from rcd.report import compose as rcd_compose
+    """The config ``python -m rcd.run <overrides>`` would run (rcd.paper.experiments.compose: Hydra, conf/)."""
+    from rcd.paper.experiments import compose as rcd_compose
 
     return rcd_compose(list(overrides))
 
@@ -296,25 +296,18 @@ def engine_for(strat, cfg, lm):
 def dense_cached(lm, cfg) -> bool:
     """Whether the dense-retriever version of ``cfg.datastore`` (chunks, or latent's chunk texts) is built."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    from rcd.datastore import base
-    from rcd.datastore import latent as latent_mod
-    from rcd.datastore.chunks import resolve_parts
+    from rcd.datastore import registry
+    from rcd.datastore.shards import check_shard
 
-    d = cfg.datastore
-    corpus_ds = instantiate(cfg.corpus.datastore)
-    kw = dict(chunking=d.chunking, chunk_size=d.chunk_size, overlap=d.overlap, retriever="dense", encoder=d.encoder,
-              max_chunks=d.max_chunks, key_dtype=d.key_dtype, shard=d.shard, num_shards=d.num_shards)
-    if d.unit == "chunks":
-        spec = resolve_parts(lm, corpus_ds, cfg.corpus.name, **kw)[3]
-    elif d.unit == "latent":
-        spec = latent_mod._resolve(lm, corpus_ds, cfg.corpus.name, kv=d.kv, memories=d.memories,
-                                   memory_layer=d.memory_layer, memory_value_layer=d.memory_value_layer,
-                                   kv_dtype=d.kv_dtype, memory_dtype=d.memory_dtype, **kw)[4]
-    else:
+    d = OmegaConf.to_container(cfg.datastore, resolve=True)
+    if d.get("unit") not in ("chunks", "latent"):
         return False
-    root = datastore_root(cfg)
-    return base.find_existing(root, base.fingerprint(spec)) is not None
+    unit = registry.unit(d["unit"])
+    p = unit.params({**d, "retriever": "dense"})
+    plan = unit.plan(lm, instantiate(cfg.corpus.datastore), cfg.corpus.name, p, check_shard(p.shard, p.num_shards))
+    return unit.folder(datastore_root(cfg), plan)[1]
 
 
 def preset_overrides(lm, preset: str, chunk_retriever: Optional[str] = "auto", latent_chunks: int = 2000,

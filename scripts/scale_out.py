@@ -9,7 +9,7 @@
 rcd's list sweeper on three launchers, each into its own runs folder: basic (one after another),
 local processes (``hydra/launcher=rcd_processes``, 2 workers of 1 thread) and submitit's local
 executor (``rcd_submitit_local``, 2 at once); every computed value of every run
-(:func:`rcd.report.computed_values`) compared across them, and each sweep's wall time.
+(:func:`rcd.paper.stats.computed_values`) compared across them, and each sweep's wall time.
 
 ``ray-build``: builds the SmolLM2 token datastore of the chosen Shakespeare works twice, in fresh
 datastore folders: ``rcd.build`` unsharded (one process, torch's threads) and ``rcd.build
@@ -99,8 +99,11 @@ def ray_build(args) -> dict:
 
     lm = load_model("smollm2", "cpu", "float32")
     fac = f"IVF{args.lists},SQfp16"
-    a = registry.open_datastore(Path(runs["unsharded"]["folder"]), lm, index_factory=fac, nprobe=8)
-    b = registry.open_datastore(Path(runs["ray"]["folder"]), lm, index_factory=fac, nprobe=8, index_ondisk=True)
+    from rcd.datastore.index import IndexSpec
+
+    spec = IndexSpec(factory=fac, metric="l2", nprobe=8)
+    a = registry.open_datastore(Path(runs["unsharded"]["folder"]), lm, index=spec)
+    b = registry.open_datastore(Path(runs["ray"]["folder"]), lm, index=spec.replace(ondisk=True))
     q = torch.from_numpy(np.asarray(a.keys[:: max(1, len(a) // 512)][:512], dtype=np.float32))
     na, nb = a.search(q, 256), b.search(q, 256)
     cmp = {"keys_equal": bool(np.array_equal(np.asarray(a.keys), np.asarray(b.keys))),
@@ -123,7 +126,7 @@ LAUNCHERS = {
 
 
 def launchers(args) -> dict:
-    from rcd.report import computed_values
+    from rcd.paper.stats import computed_values
 
     work = Path(args.work) / "launchers"
     shutil.rmtree(work, ignore_errors=True)

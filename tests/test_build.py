@@ -106,7 +106,9 @@ def test_latent_and_tags_build_through_the_app(tmp_path, tiny_model):
     assert s["unit"] == "latent" and s["entries"] == sum(-(-len(t) // 32) for t in ROWS)
     t = build_mod.build(config(tmp_path, "datastore=tags", "datastore.retriever=bm25"))
     assert t["unit"] == "tags" and t["model"] is None  # sentence chunking needs no LM
-    assert registry.needs_model("tags", {"chunking": "tokens"}) and not registry.needs_model("chunks", {"chunking": "record"})
+    assert registry.needs_model({"unit": "tags", "chunking": "tokens"})
+    assert not registry.needs_model({"unit": "chunks", "chunking": "record"})
+    assert registry.needs_model({"_target_": "rcd.datastore.latent.build_or_load", "unit": "chunks"})  # by its target
 
 
 def test_corpus_configs_for_qa_passages_compose():

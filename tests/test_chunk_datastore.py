@@ -9,7 +9,9 @@ import torch
 from conftest import TEXTS, char_tokenizer
 from rcd.datastore import base, chunks
 from rcd.datastore.chunking import Chunker, sentence_chunks, sentence_spans, token_windows
-from rcd.datastore.chunks import ChunkDatastore, NpyAppender, build_or_load, merge_shards, rrf_fuse
+from rcd.datastore.chunks import ChunkDatastore, build_or_load, merge_shards
+from rcd.datastore.retrievers import rrf_fuse
+from rcd.datastore.storage import NpyAppender
 
 TOPICS = [
     "The cat sat on the warm windowsill, purring in the afternoon sun.",

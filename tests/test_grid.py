@@ -43,7 +43,9 @@ def test_every_allowed_cell_generates_and_scores_on_a_tiny_model(tmp_path, censu
     from rcd.models import load_model
 
     files = tiny_run_files(tmp_path)
-    extra = files["lm"] + ["++datastore.retriever=bm25"]
+    # passages are found by BM25 (no encoder pass); the token unit has no retriever key
+    def extra(unit):
+        return files["lm"] + ([] if unit == "tokens" else ["++datastore.retriever=bm25"])
     lm = load_model(str(files["model"]), "cpu", "float32")
     ids = torch.tensor(lm.tokenizer(TEXTS[2], add_special_tokens=False)["input_ids"][:40])
     corpus = None
@@ -51,7 +53,7 @@ def test_every_allowed_cell_generates_and_scores_on_a_tiny_model(tmp_path, censu
     for r in census[0]:
         if not r["runs"]:
             continue
-        cfg = compose_cell(r["unit"], r["control"], r["schedule"], extra)
+        cfg = compose_cell(r["unit"], r["control"], r["schedule"], extra(r["unit"]))
         corpus = corpus if corpus is not None else instantiate(cfg.corpus.datastore)
         strat = strategy_mod.build(cfg, lm, corpus, corpus_name=cfg.corpus.name, datastore_root=tmp_path / "ds")
         cell = f"{r['unit']} x {r['control']} x {r['schedule']}"

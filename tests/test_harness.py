@@ -42,7 +42,7 @@ def test_lm_eval_rolling_perplexity_equals_rcd_perplexity(tmp_path, strategy):
     from lm_eval.tasks import TaskManager
 
     import rcd.harness  # noqa: F401  (registers --model rcd)
-    from rcd.report import compose
+    from rcd.paper.experiments import compose
     from rcd.run import execute
 
     files = tiny_run_files(tmp_path)

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from conftest import TEXTS
 from rcd.compat import cache_kwargs, output_cache
 from rcd.control.inject import InjectError, KNNAttention, KVInjection, find_rotary
-from rcd.datastore.latent import build_or_load, cache_layers
+from rcd.compat import cache_layers
+from rcd.datastore.latent import build_or_load
 from rcd.engine import Engine, Request
 from rcd.schedule import EveryN, EveryToken, Once
 from rcd.strategy import Strategy, StrategyError, validate
@@ -170,13 +171,11 @@ def test_knn_attention_l2_default_temperature_is_mean_distance():
 
 def test_latent_memories_default_to_l2():
     """Inner products of raw hidden states are won by attention-sink outliers: the default is l2."""
-    import inspect
-
     from omegaconf import OmegaConf
 
     from rcd.datastore import latent
 
-    assert inspect.signature(latent.build_or_load).parameters["memory_metric"].default == "l2"
+    assert latent.LatentParams().memory_metric == "l2" and latent.LatentParams().index_spec("memory_").metric == "l2"
     assert OmegaConf.load(Path(__file__).resolve().parents[1] / "rcd" / "conf" / "datastore" / "latent.yaml").memory_metric == "l2"
 
 

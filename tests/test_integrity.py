@@ -91,13 +91,13 @@ def test_rcd_build_verify_reads_every_byte(tmp_path, monkeypatch):
 
 
 def test_index_file_changed_after_saving_is_rebuilt(tmp_path):
-    from rcd.datastore.index import index_path, load_or_build_index
+    from rcd.datastore.index import IndexSpec, index_path, load_or_build_index
 
     keys = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
-    load_or_build_index(tmp_path, keys, "Flat", "l2")
+    load_or_build_index(tmp_path, keys, IndexSpec("Flat", "l2"))
     path = index_path(tmp_path, "Flat", "l2")
     _flip(path, path.stat().st_size - 5)
-    index = load_or_build_index(tmp_path, keys, "Flat", "l2")  # rebuilt from the keys, not read corrupt
+    index = load_or_build_index(tmp_path, keys, IndexSpec("Flat", "l2"))  # rebuilt from the keys, not read corrupt
     D, I = index.search(keys[:3], 1)
     assert I[:, 0].tolist() == [0, 1, 2]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_run_files
-from rcd.report import computed_values
+from rcd.paper.stats import computed_values
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = [["+strategy=none"],

@@ -8,7 +8,8 @@ import pytest
 
 from rcd.datastore import index as index_mod
 from rcd.datastore import ondisk
-from rcd.datastore.base import array_spec
+from rcd.datastore.index import IndexSpec
+from rcd.datastore.storage import array_spec
 from rcd.errors import ConfigError
 
 
@@ -25,9 +26,9 @@ def keys_folder(tmp_path):
 def test_ondisk_index_returns_the_neighbours_of_the_in_memory_index(keys_folder, factory, metric, monkeypatch):
     folder, keys, spec = keys_folder
     monkeypatch.setattr(ondisk, "BLOCK_ROWS", 1000)  # 6000 rows: blocks cut at the shard start 2500 and every 1000
-    mem = index_mod.load_or_build_index(folder, keys, factory, metric, nprobe=4)
+    mem = index_mod.load_or_build_index(folder, keys, IndexSpec(factory, metric, nprobe=4))
     calls = []
-    disk = index_mod.load_or_build_index(folder, keys, factory, metric, nprobe=4, ondisk=True, keys_spec=spec,
+    disk = index_mod.load_or_build_index(folder, keys, IndexSpec(factory, metric, nprobe=4, ondisk=True), keys_spec=spec,
                                          bounds=[0, 2500], map_fn=lambda fn, jobs: [calls.append(j) or fn(*j) for j in jobs])
     assert [(j[2], j[3]) for j in calls] == [(0, 1000), (1000, 2000), (2000, 2500), (2500, 3500), (3500, 4500),
                                              (4500, 5500), (5500, 6000)]
@@ -44,14 +45,14 @@ def test_ondisk_index_returns_the_neighbours_of_the_in_memory_index(keys_folder,
     # reopened from disk (the lists file found next to the index, wherever the folder is)
     moved = folder.parent / f"{folder.name}-moved"
     folder.rename(moved)
-    again = index_mod.load_or_build_index(moved, np.load(moved / "keys.npy", mmap_mode="r"), factory, metric,
-                                          nprobe=4, ondisk=True, keys_spec=spec)
+    again = index_mod.load_or_build_index(moved, np.load(moved / "keys.npy", mmap_mode="r"),
+                                          IndexSpec(factory, metric, nprobe=4, ondisk=True), keys_spec=spec)
     assert np.array_equal(again.search(q, 10)[1], Im)
 
 
 def test_a_changed_lists_file_is_rebuilt(keys_folder):
     folder, keys, spec = keys_folder
-    idx = index_mod.load_or_build_index(folder, keys, "IVF8,Flat", "l2", ondisk=True, keys_spec=spec)
+    idx = index_mod.load_or_build_index(folder, keys, IndexSpec("IVF8,Flat", "l2", ondisk=True), keys_spec=spec)
     want = idx.search(np.ascontiguousarray(keys[:5], dtype=np.float32), 3)[1]
     del idx
     path = index_mod.index_path(folder, "IVF8,Flat", "l2", ondisk=True)
@@ -60,7 +61,7 @@ def test_a_changed_lists_file_is_rebuilt(keys_folder):
     raw[:64] = bytes(64)
     data.write_bytes(bytes(raw))
     assert not ondisk.intact(path)
-    idx = index_mod.load_or_build_index(folder, keys, "IVF8,Flat", "l2", ondisk=True, keys_spec=spec)
+    idx = index_mod.load_or_build_index(folder, keys, IndexSpec("IVF8,Flat", "l2", ondisk=True), keys_spec=spec)
     assert ondisk.intact(path) and np.array_equal(idx.search(np.ascontiguousarray(keys[:5], dtype=np.float32), 3)[1], want)
 
 
@@ -77,7 +78,7 @@ def test_row_blocks_cut_at_shard_starts():
     (["datastore.index_ondisk=1"], "datastore.index_ondisk", "must be true or false"),
 ])
 def test_ondisk_settings_refused_at_start_up(overrides, key, msg):
-    from rcd.report import compose
+    from rcd.paper.experiments import compose
     from rcd.validate import check_config
 
     cfg = compose(["+strategy=per_token"] + overrides)

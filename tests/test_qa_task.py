@@ -183,7 +183,7 @@ def test_generic_qa_on_your_own_files_with_mapped_fields_and_no_heldout_file(tmp
 
 
 def test_generic_qa_without_a_path_is_refused_at_start_up():
-    from rcd.report import compose
+    from rcd.paper.experiments import compose
     from rcd.validate import check_config
 
     with pytest.raises(RcdError, match="task.path: no QA file given"):

@@ -30,6 +30,7 @@ def _config(tmp_path: Path, root: str, *overrides):
 def test_ray_sharded_build_with_on_disk_merge_equals_the_unsharded_build(tmp_path):
     from rcd import build as build_mod
     from rcd.datastore import registry
+    from rcd.datastore.index import IndexSpec
     from rcd.models import load_model
 
     model, tok = tiny_llama()
@@ -50,8 +51,9 @@ def test_ray_sharded_build_with_on_disk_merge_equals_the_unsharded_build(tmp_pat
     assert list((Path(sharded["folder"]) / "index").glob("*-ondisk.ivfdata"))
 
     lm = load_model(str(tmp_path / "model"), "cpu", "float32")
-    a = registry.open_datastore(Path(plain["folder"]), lm, index_factory="IVF8,Flat", nprobe=3)
-    b = registry.open_datastore(Path(sharded["folder"]), lm, index_factory="IVF8,Flat", nprobe=3, index_ondisk=True)
+    spec = IndexSpec(factory="IVF8,Flat", metric="l2", nprobe=3)
+    a = registry.open_datastore(Path(plain["folder"]), lm, index=spec)
+    b = registry.open_datastore(Path(sharded["folder"]), lm, index=spec.replace(ondisk=True))
     assert np.array_equal(np.asarray(a.keys), np.asarray(b.keys)) and np.array_equal(a.values_np, b.values_np)
     import torch
 

@@ -1,4 +1,4 @@
-"""rcd.report and scripts/paper.py: bootstrap CIs, experiment specs -> run folders, tables from fixture
+"""rcd.paper (experiments, stats, tables, figures, render), the lm_knn_grid task and scripts/paper.py: bootstrap CIs, experiment specs -> run folders, tables from fixture
 runs, figures, paper rendering, the Figure 1 grid task, and resume (finished runs skipped) end to end."""
 import importlib.util
 import json
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_run_files
-from rcd import report
+from rcd.paper import experiments, figures, render, stats, tables
+from rcd.tasks import knn_grid
 from rcd.metrics import bootstrap_ci
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "runs"
@@ -31,32 +32,32 @@ def paper_script():
 def test_bootstrap_ci_on_a_fixed_sample():
     assert bootstrap_ci(NLL_NONE) == pytest.approx((2.2499999999999996, 1.4164583333333334, 3.1166666666666667),
                                                    rel=1e-12)
-    e = report.perplexity_ci(NLL_NONE)  # exp of the mean NLL and of its interval
+    e = stats.perplexity_ci(NLL_NONE)  # exp of the mean NLL and of its interval
     assert (e.value, e.low, e.high) == pytest.approx((math.exp(2.25), math.exp(1.4164583333333334),
                                                       math.exp(3.1166666666666667)), rel=1e-12)
-    d = report.relative_change_ci(NLL, NLL_NONE)  # paired: resamples token differences
+    d = stats.relative_change_ci(NLL, NLL_NONE)  # paired: resamples token differences
     m, lo, hi = bootstrap_ci(np.subtract(NLL, NLL_NONE))
     assert (d.value, d.low, d.high) == pytest.approx((math.expm1(m), math.expm1(lo), math.expm1(hi)), rel=1e-12)
     assert d.value == pytest.approx(math.exp(np.mean(NLL)) / math.exp(np.mean(NLL_NONE)) - 1, rel=1e-12)
-    assert report.fmt_ci(d, digits=1, pct=True) == "-16.8% [-26.5, -5.7]"
-    assert [report.fmt_rate(x) for x in (1 / 2047, 0.25, 0.0, None)] == ["0.00049", "0.250", "0.000", "–"]
-    assert report.mean_ci([1, 0, 1, 1]) == report.mean_ci([1, 0, 1, 1])  # seeded: same interval every time
+    assert tables.fmt_ci(d, digits=1, pct=True) == "-16.8% [-26.5, -5.7]"
+    assert [tables.fmt_rate(x) for x in (1 / 2047, 0.25, 0.0, None)] == ["0.00049", "0.250", "0.000", "–"]
+    assert stats.mean_ci([1, 0, 1, 1]) == stats.mean_ci([1, 0, 1, 1])  # seeded: same interval every time
     with pytest.raises(ValueError, match="differ in length"):
-        report.relative_change_ci([1.0], [1.0, 2.0])
+        stats.relative_change_ci([1.0], [1.0, 2.0])
 
 
 def test_pareto_front_keeps_only_undominated_points():
     pts = [(1.0, 20.0), (0.5, 21.0), (0.25, 25.0), (0.5, 24.0), (0.0, 30.0), (0.75, 22.0)]
-    assert report.pareto_front(pts) == [(0.0, 30.0), (0.25, 25.0), (0.5, 21.0), (1.0, 20.0)]
-    assert report.pareto_front([(0.0, 0.2), (0.5, 0.5), (1.0, 0.4)], lower_is_better=False) == [(0.0, 0.2), (0.5, 0.5)]
+    assert figures.pareto_front(pts) == [(0.0, 30.0), (0.25, 25.0), (0.5, 21.0), (1.0, 20.0)]
+    assert figures.pareto_front([(0.0, 0.2), (0.5, 0.5), (1.0, 0.4)], lower_is_better=False) == [(0.0, 0.2), (0.5, 0.5)]
 
 
 # ------------------------------------------------------------------------------ tables from fixtures
 def fixture_rows():
     lm = FIX / "lm"
-    return [report.Row("none", "none", None, report.load_run(lm / "none-lm-0a1b2c3d4e")),
-            report.Row("per_token", "per_token (kNN-LM)", None, report.load_run(lm / "per_token-lm-5f6a7b8c9d")),
-            report.Row("every_n_4", "every_n (s=4)", None, report.load_run(lm / "every_n-lm-1122334455"))]
+    return [tables.Row("none", "none", None, experiments.load_run(lm / "none-lm-0a1b2c3d4e")),
+            tables.Row("per_token", "per_token (kNN-LM)", None, experiments.load_run(lm / "per_token-lm-5f6a7b8c9d")),
+            tables.Row("every_n_4", "every_n (s=4)", None, experiments.load_run(lm / "every_n-lm-1122334455"))]
 
 
 LM_MD = """\
@@ -75,18 +76,18 @@ Perplexity: exp of the mean token NLL; interval = bootstrap over tokens (1000 re
 def test_lm_table_from_fixture_run_folders():
     rows = fixture_rows()
     assert rows[2].run is None  # config.yaml but no results.json: an unfinished run counts as missing
-    assert report.lm_table("Table 1. Test", rows).markdown() == LM_MD
+    assert tables.lm_table("Table 1. Test", rows).markdown() == LM_MD
     # the LaTeX table has the same columns and cells
-    tex = report.lm_table("Table 1. Test", rows).latex()
+    tex = tables.lm_table("Table 1. Test", rows).latex()
     assert "decode tok/s & time to 1st tok (s) & tok/s $\\div$ none" in tex
     assert "12.5 & 0.081 & 1.00" in tex and "9.0 & 0.095 & 0.75" in tex
     # a run whose generation has no time to first token renders "–"
     del rows[1].run.results["metrics"]["generation"]["per_token"]["time_to_first_token"]
-    assert report.lm_table("T", rows).rows[1][6:9] == ["9.0", "–", "0.75"]
+    assert tables.lm_table("T", rows).rows[1][6:9] == ["9.0", "–", "0.75"]
 
 
 def test_latex_table_escapes_and_wraps():
-    t = report.Table("Table 9. A_b", ["strategy", "Δ %"], [["per_token", "–"], ["x & y", "λ=0.1"]], ["Note."], "t9")
+    t = tables.Table("Table 9. A_b", ["strategy", "Δ %"], [["per_token", "–"], ["x & y", "λ=0.1"]], ["Note."], "t9")
     assert t.latex() == (
         "\\begin{table}[t]\n\\centering\n\\small\n\\resizebox{\\linewidth}{!}{%\n\\begin{tabular}{ll}\n\\toprule\n"
         "strategy & $\\Delta$ \\% \\\\\n\\midrule\nper\\_token & -- \\\\\nx \\& y & $\\lambda$=0.1 \\\\\n"
@@ -95,7 +96,7 @@ def test_latex_table_escapes_and_wraps():
 
 def test_cost_table_from_fixture_run_folders(tmp_path):
     rows = fixture_rows()
-    md = report.cost_table("Cost", rows).markdown().splitlines()
+    md = tables.cost_table("Cost", rows).markdown().splitlines()
     assert md[4] == ("| none               | 12.5         | 1.00         | 0.081               | –                 | –  "
                      "          | –                         | –                         | 30.2          |")
     assert md[5] == ("| per_token (kNN-LM) | 9.0          | 0.75         | 0.095               | 100,000           | 120"
@@ -103,7 +104,7 @@ def test_cost_table_from_fixture_run_folders(tmp_path):
     # the one-time build time comes from the datastore's manifest when the datastore is on this machine
     (tmp_path / "manifest.json").write_text(json.dumps({"build_seconds": 534.07}))
     rows[1].run.results["datastore"]["folder"] = str(tmp_path)
-    assert report.cost_table("Cost", rows).rows[1][6:8] == ["534.1", "210.5"]
+    assert tables.cost_table("Cost", rows).rows[1][6:8] == ["534.1", "210.5"]
 
 
 QA_RES = {
@@ -114,11 +115,11 @@ QA_RES = {
 
 
 def test_qa_table_with_groups_and_missing_metrics():
-    run = report.Run(Path("x"), QA_RES, {})
-    partial = report.Run(Path("y"), {"metrics": {"qa": {"exact_match": 0.25}}, "run": {"strategy": "adaptive"}}, {})
-    rows = [report.Row("once", "once", "wordnet", run), report.Row("adaptive", "adaptive", "wordnet", partial),
-            report.Row("once", "once", "mendeleev", None)]
-    t = report.qa_table("Table 2. QA", rows, {"wordnet": "WordNet years", "mendeleev": "mendeleev"})
+    run = experiments.Run(Path("x"), QA_RES, {})
+    partial = experiments.Run(Path("y"), {"metrics": {"qa": {"exact_match": 0.25}}, "run": {"strategy": "adaptive"}}, {})
+    rows = [tables.Row("once", "once", "wordnet", run), tables.Row("adaptive", "adaptive", "wordnet", partial),
+            tables.Row("once", "once", "mendeleev", None)]
+    t = tables.qa_table("Table 2. QA", rows, {"wordnet": "WordNet years", "mendeleev": "mendeleev"})
     assert t.columns[2:5] == ["exact match [95% CI]", "F1", "answer in output"]
     # "answer in output" is metrics.qa.contains; "–" for runs made before it was recorded
     assert t.rows == [
@@ -127,15 +128,15 @@ def test_qa_table_with_groups_and_missing_metrics():
         ["mendeleev", "once", "–", "–", "–", "–", "–", "–", "–"],
     ]
     assert "F1 & answer in output & recall" in t.latex() and "0.625 & 0.750 & 0.750 & 0.250" in t.latex()
-    vals = report.table_values({"name": "table2_qa"}, rows, t)
+    vals = tables.table_values({"name": "table2_qa"}, rows, t)
     assert vals["table2_qa.once.wordnet.answer_in_output"] == "0.750"
-    assert report.retrieval_rate({"metrics": {"qa": {}}, "run": {"strategy": "none"}}) == 0.0
+    assert stats.retrieval_rate({"metrics": {"qa": {}}, "run": {"strategy": "none"}}) == 0.0
 
 
 def test_table_values_name_cells_for_the_paper():
     spec = {"name": "table1_perplexity"}
     rows = fixture_rows()
-    vals = report.table_values(spec, rows, report.lm_table("T", rows))
+    vals = tables.table_values(spec, rows, tables.lm_table("T", rows))
     assert vals["table1_perplexity.per_token.perplexity_95_ci"] == "7.90 [3.82, 17.16]"
     assert vals["table1_perplexity.per_token.vs_none_95_ci"] == "-16.8% [-26.5, -5.7]"
     assert vals["table1_perplexity.every_n_4.tok_s_none"] == "–"
@@ -156,7 +157,7 @@ SPEC = {
 
 
 def test_entries_expand_scales_and_sweeps():
-    es = report.entries(SPEC, "small")
+    es = experiments.entries(SPEC, "small")
     assert [e.key for e in es] == ["none", "knn", "later"]
     assert es[1].multirun_overrides() == ["task.eval_tokens=64", "+strategy=per_token", "strategy.control.k=8,16",
                                           "strategy.control.lmbda=0.1,0.2"]
@@ -168,60 +169,60 @@ def test_entries_expand_scales_and_sweeps():
     assert pts[1].label == "kNN (k=8, lmbda=0.2)" and pts[1].entry_label == "kNN"
     assert pts[1].overrides == ["task.eval_tokens=64", "+strategy=per_token", "strategy.control.k=8",
                                 "strategy.control.lmbda=0.2"]
-    full = report.entries(SPEC, "full")
+    full = experiments.entries(SPEC, "full")
     assert [e.key for e in full] == ["none", "knn"]
     assert full[1].overrides == ["task.eval_tokens=null", "+strategy=per_token", "datastore.max_tokens=null"]
-    assert report.override_value(None) == "null" and report.override_value([1, 0.5, True]) == "[1,0.5,true]"
+    assert experiments.override_value(None) == "null" and experiments.override_value([1, 0.5, True]) == "[1,0.5,true]"
     with pytest.raises(ValueError, match="scale must be one of"):
-        report.entries(SPEC, "medium")
+        experiments.entries(SPEC, "medium")
 
 
 def test_run_folder_naming_is_stable_under_override_and_key_order(tmp_path):
-    a = report.Point("exp", "knn", "kNN", None, ["+strategy=per_token", "strategy.control.k=8", "task.eval_tokens=64"], {})
-    b = report.Point("exp", "knn", "kNN", None, ["task.eval_tokens=64", "+strategy=per_token", "strategy.control.k=8"], {})
-    ra, rb = report.resolve(a, tmp_path), report.resolve(b, tmp_path)
+    a = experiments.Point("exp", "knn", "kNN", None, ["+strategy=per_token", "strategy.control.k=8", "task.eval_tokens=64"], {})
+    b = experiments.Point("exp", "knn", "kNN", None, ["task.eval_tokens=64", "+strategy=per_token", "strategy.control.k=8"], {})
+    ra, rb = experiments.resolve(a, tmp_path), experiments.resolve(b, tmp_path)
     assert ra.error is None and ra.folder == rb.folder
     assert ra.folder.parent == tmp_path and ra.folder.name.startswith("per_token-lm-") and len(ra.folder.name) == 23
-    c = report.Point("exp", "knn", "kNN", None, ["+strategy=per_token", "strategy.control.k=16", "task.eval_tokens=64"], {})
-    assert report.resolve(c, tmp_path).folder != ra.folder
+    c = experiments.Point("exp", "knn", "kNN", None, ["+strategy=per_token", "strategy.control.k=16", "task.eval_tokens=64"], {})
+    assert experiments.resolve(c, tmp_path).folder != ra.folder
     # the hash ignores where runs go, and the config's own key order (sort_keys)
-    assert report.resolve(a, tmp_path / "elsewhere").folder.name == ra.folder.name
+    assert experiments.resolve(a, tmp_path / "elsewhere").folder.name == ra.folder.name
 
 
 def test_missing_preset_and_refused_cell_are_reported_not_raised(tmp_path):
-    r = report.resolve(report.Point("exp", "later", "later", None, ["+strategy=no_such_preset"], {}), tmp_path)
+    r = experiments.resolve(experiments.Point("exp", "later", "later", None, ["+strategy=no_such_preset"], {}), tmp_path)
     assert r.folder is None and r.error == "config not found: strategy/no_such_preset" and not r.done
-    r = report.resolve(report.Point("exp", "x", "x", None, ["+strategy=per_token", "datastore.unit=chunks"], {}),
+    r = experiments.resolve(experiments.Point("exp", "x", "x", None, ["+strategy=per_token", "datastore.unit=chunks"], {}),
                        tmp_path)
     assert r.folder is None and "accepts ['tokens']" in r.error
 
 
 def test_collect_reads_finished_runs_only(tmp_path):
     spec = dict(SPEC, rows=SPEC["rows"][:1])
-    [(r, run)] = report.collect(spec, "small", tmp_path)
+    [(r, run)] = experiments.collect(spec, "small", tmp_path)
     assert run is None and not r.done
     r.folder.mkdir(parents=True)
     (r.folder / "config.yaml").write_text("strategy: {name: none}\n")
-    assert report.collect(spec, "small", tmp_path)[0][1] is None  # unfinished
+    assert experiments.collect(spec, "small", tmp_path)[0][1] is None  # unfinished
     shutil.copy(FIX / "lm" / "none-lm-0a1b2c3d4e" / "results.json", r.folder / "results.json")
-    [(r2, run)] = report.collect(spec, "small", tmp_path)
+    [(r2, run)] = experiments.collect(spec, "small", tmp_path)
     assert r2.done and run.results["per_example"]["nll_none"] == NLL_NONE
 
 
 # ------------------------------------------------------------------------------ figures and paper
 def test_figures_write_png_and_pdf_deterministically(tmp_path):
     rows = fixture_rows()
-    pts = [(report.Resolved(report.Point("f", "knn", "kNN", None, [], {"datastore.max_tokens": n}), None), r.run)
+    pts = [(experiments.Resolved(experiments.Point("f", "knn", "kNN", None, [], {"datastore.max_tokens": n}), None), r.run)
            for n, r in zip([1000, 100000], rows[:2])]
     spec = {"name": "f", "title": "F", "layout": "size"}
-    paths = report.build_figure(spec, pts, tmp_path / "a" / "f")
+    paths = figures.build_figure(spec, pts, tmp_path / "a" / "f")
     assert [p.name for p in paths] == ["f.png", "f.pdf"] and all(p.stat().st_size > 1000 for p in paths)
-    again = report.build_figure(spec, pts, tmp_path / "b" / "f")
+    again = figures.build_figure(spec, pts, tmp_path / "b" / "f")
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
     for layout in ("pareto", "knn_grid"):
-        assert report.build_figure(dict(spec, layout=layout), pts, tmp_path / layout)[0].is_file()
+        assert figures.build_figure(dict(spec, layout=layout), pts, tmp_path / layout)[0].is_file()
     with pytest.raises(ValueError, match="unknown figure layout"):
-        report.build_figure(dict(spec, layout="pie"), pts, tmp_path / "x")
+        figures.build_figure(dict(spec, layout="pie"), pts, tmp_path / "x")
 
 
 def test_render_paper_includes_files_and_fills_values(tmp_path):
@@ -229,7 +230,7 @@ def test_render_paper_includes_files_and_fills_values(tmp_path):
     (tmp_path / "tables" / "t.md").write_text("| a |\n|---|\n| 1 |\n")
     src = "# P\n<!-- include tables/t.md -->\nppl {{t.per_token.ppl}}, {{nope}}\n<!-- include tables/none.md -->\n"
     missing = []
-    out = report.render_paper(src, tmp_path, {"t.per_token.ppl": "7.90"}, missing)
+    out = render.render_paper(src, tmp_path, {"t.per_token.ppl": "7.90"}, missing)
     assert out == ("# P\n| a |\n|---|\n| 1 |\nppl 7.90, –\n*(tables/none.md: not generated yet)*\n")
     assert missing == ["tables/none.md", "nope"]
 
@@ -246,7 +247,7 @@ def test_knn_grid_nll_matches_the_knn_control():
     targets = torch.randint(0, v, (n,), generator=g)
     lm_lp = torch.log_softmax(logits, -1)
     nll_lm = -lm_lp.gather(1, targets.view(-1, 1)).squeeze(1).double().numpy()
-    grid = report.knn_grid_nll(nll_lm, scores, tokens, targets, [2, 5], [0.0, 0.3], temperature=100.0)
+    grid = knn_grid.grid_nll(nll_lm, scores, tokens, targets, [2, 5], [0.0, 0.3], temperature=100.0)
     for k in (2, 5):
         want = -interpolate(lm_lp, knn_log_probs(scores[:, :k], tokens[:, :k], v, 100.0), 0.3)
         assert grid[(k, 0.3)] == pytest.approx(want.gather(1, targets.view(-1, 1)).squeeze(1).numpy(), rel=1e-5)
@@ -261,9 +262,9 @@ def tiny_overrides(tmp_path):
 def test_knn_grid_task_reproduces_the_runs_own_perplexity(tiny_overrides, tmp_path):
     from rcd.run import execute
 
-    cfg = report.compose(["+strategy=per_token", "strategy.control.k=8", "strategy.control.lmbda=0.25",
-                          "task._target_=rcd.report.lm_knn_grid", "+task.grid_ks=[2,8]",
-                          "+task.grid_lmbdas=[0,0.25,0.5]", f"runs_root={tmp_path / 'runs'}"] + tiny_overrides)
+    cfg = experiments.compose(["+strategy=per_token", "strategy.control.k=8", "strategy.control.lmbda=0.25",
+                               "task=lm_knn_grid", "task.grid_ks=[2,8]", "task.grid_lmbdas=[0,0.25,0.5]",
+                               f"runs_root={tmp_path / 'runs'}"] + tiny_overrides)
     res = execute(cfg)
     pts = {(p["k"], p["lmbda"]): p for p in res["metrics"]["knn_grid"]["points"]}
     assert sorted(pts) == [(2, 0.0), (2, 0.25), (2, 0.5), (8, 0.0), (8, 0.25), (8, 0.5)]
@@ -319,7 +320,7 @@ def test_paper_script_skips_finished_runs_and_reruns_unfinished(tiny_overrides, 
 
 
 def test_scales_table_names_the_overrides_of_each_scale():
-    t = report.scales_table("S", [SPEC, {"name": "cost", "title": "C", "from": ["exp"]}])
+    t = tables.scales_table("S", [SPEC, {"name": "cost", "title": "C", "from": ["exp"]}])
     assert t.rows == [["`exp`", "T",
                        "`task.eval_tokens=64`; `strategy.control.k∈{8, 16}` (knn); `strategy.control.lmbda∈{0.1, 0.2}` (knn)",
                        "`task.eval_tokens=null`; `datastore.max_tokens=null` (knn); `strategy.control.k∈{256}` (knn); "
@@ -327,9 +328,9 @@ def test_scales_table_names_the_overrides_of_each_scale():
 
 
 def test_config_values_quote_settings_from_the_composed_config():
-    v = report.config_values(["+strategy=per_token", "strategy.control.k=32", "task.window=64"])
+    v = tables.config_values(["+strategy=per_token", "strategy.control.k=32", "task.window=64"])
     assert (v["conf.strategy.control.k"], v["conf.task.window"], v["conf.strategy.name"]) == ("32", "64", "per_token")
-    assert report.config_values(["+strategy=no_such_preset"]) == {}
+    assert tables.config_values(["+strategy=no_such_preset"]) == {}
 
 
 def test_figure_values_for_the_prose():
@@ -337,13 +338,13 @@ def test_figure_values_for_the_prose():
                         "knn_grid": {"points": [{"k": 8, "lmbda": 0.1, "perplexity": 28.0},
                                                 {"k": 8, "lmbda": 0.2, "perplexity": 27.5},
                                                 {"k": 64, "lmbda": 0.1, "perplexity": 27.9}]}}}
-    run = report.Run(Path("g"), grid, {"strategy": {"control": {"k": 8, "lmbda": 0.1}}})
-    pt = report.Point("fig1", "per_token", "kNN-LM", None, [], {})
-    assert report.figure_values({"name": "fig1", "layout": "knn_grid"}, [(report.Resolved(pt, None), run)]) == {
+    run = experiments.Run(Path("g"), grid, {"strategy": {"control": {"k": 8, "lmbda": 0.1}}})
+    pt = experiments.Point("fig1", "per_token", "kNN-LM", None, [], {})
+    assert figures.figure_values({"name": "fig1", "layout": "knn_grid"}, [(experiments.Resolved(pt, None), run)]) == {
         "fig1.best_k": "8", "fig1.best_lmbda": "0.2", "fig1.best_perplexity": "27.50", "fig1.perplexity_none": "30.00",
         "fig1.at_preset": "28.0000", "fig1.run_perplexity": "28.0000"}
     lm = fixture_rows()[1].run
-    pt = report.Point("fig2", "every_n", "every n", None, [], {"strategy.schedule.n": 4})
-    assert report.figure_values({"name": "fig2", "layout": "pareto"}, [(report.Resolved(pt, None), lm)]) == {
+    pt = experiments.Point("fig2", "every_n", "every n", None, [], {"strategy.schedule.n": 4})
+    assert figures.figure_values({"name": "fig2", "layout": "pareto"}, [(experiments.Resolved(pt, None), lm)]) == {
         "fig2.every_n.4.rate": "1.000", "fig2.every_n.4.quality": "7.90", "fig2.every_n.4.entries": "100,000",
         "fig2.every_n.4.change": "-16.8% [-26.5, -5.7]"}

@@ -1,5 +1,5 @@
 """Experiment specs: per-group row overrides and rows limited to some groups."""
-from rcd.report import entries
+from rcd.paper.experiments import entries
 
 SPEC = {
     "name": "t2", "scales": {"small": ["task.n=4"]},

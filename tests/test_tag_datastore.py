@@ -7,7 +7,8 @@ import pytest
 
 from conftest import char_tokenizer
 from rcd.datastore import base
-from rcd.datastore.tags import TagDatastore, build_or_load, extract_tags, head_lemmas, merge_shards, tag_token_ids
+from rcd.datastore.tag_extract import extract_tags, head_lemmas
+from rcd.datastore.tags import TagDatastore, build_or_load, merge_shards, tag_token_ids
 
 PLAY = """ACT I.
 

@@ -27,15 +27,28 @@ from rcd.control.base import LogitsControl
 from rcd.hooks import HiddenCapture, key_layer, resolve_layer
 
 
+def knn_weights(scores: torch.Tensor, temperature: float, metric: str = "l2") -> torch.Tensor:
+    """Neighbour weights [N, k]: softmax_i(-d_i / T) (``ip``: softmax_i(s_i / T)); non-finite scores
+    (missing hits) get weight 0."""
+    logits = -scores / temperature if metric == "l2" else scores / temperature
+    return torch.nan_to_num(torch.softmax(logits.float(), dim=-1), nan=0.0)
+
+
 def knn_log_probs(scores: torch.Tensor, tokens: torch.Tensor, vocab_size: int, temperature: float,
                   metric: str = "l2") -> torch.Tensor:
     """log p_kNN [N, V] from neighbour scores [N, k] (distances or similarities) and tokens [N, k]."""
-    logits = -scores / temperature if metric == "l2" else scores / temperature
-    weights = torch.softmax(logits.float(), dim=-1)  # non-finite scores (missing hits) get weight 0
-    weights = torch.nan_to_num(weights, nan=0.0)
+    weights = knn_weights(scores, temperature, metric)
     probs = torch.zeros(scores.shape[0], vocab_size, dtype=torch.float32, device=scores.device)
     probs.scatter_add_(1, tokens.long(), weights)
     return probs.clamp_min(0).log()
+
+
+def knn_target_probs(scores: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     metric: str = "l2") -> torch.Tensor:
+    """p_kNN(target) [N]: ``knn_log_probs(...).exp()`` at each row's ``targets`` token, without the
+    [N, V] table."""
+    weights = knn_weights(scores, temperature, metric)
+    return (weights * (tokens.long() == targets.long().view(-1, 1)).float()).sum(1)
 
 
 def interpolate(lm_log_probs: torch.Tensor, knn_lp: torch.Tensor, lmbda: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ _EXPORTS = {
     "TokenDatastore": "rcd.datastore.tokens", "Neighbours": "rcd.datastore.tokens",
     "TagDatastore": "rcd.datastore.tags", "TagHits": "rcd.datastore.tags",
     "LatentDatastore": "rcd.datastore.latent",
-    "DatastoreError": "rcd.datastore.base",
+    "DatastoreError": "rcd.datastore.storage",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""What every datastore shares: fingerprinted folders, manifests, atomic writes, model checks.
+"""What every datastore shares: fingerprinted folders, manifests, checksums, locks, model checks.
 
 On disk a datastore is one folder ``<root>/<unit>-<corpus>-<model>-<fingerprint>``::
 
@@ -6,9 +6,10 @@ On disk a datastore is one folder ``<root>/<unit>-<corpus>-<model>-<fingerprint>
     *.npy           keys / values / payload as (memory-mappable) .npy arrays
     index/<factory>.faiss + .json   one FAISS index per index_factory string
 
-It is built in ``<root>/.building-<fingerprint>-<pid>`` and renamed into place only after the
-manifest is written, so an interrupted build never looks finished. Loading checks the manifest
-against the model in use and refuses a mismatch with a message that says what differs.
+It is built in ``<root>/.building-<name>-<host>_<pid>`` (:func:`rcd.datastore.storage.atomic_folder`)
+and renamed into place only after the manifest is written, so an interrupted build never looks
+finished. Loading checks the manifest against the model in use and refuses a mismatch with a
+message that says what differs.
 
 Integrity: the manifest lists every file of the folder (``checksums``: bytes, SHA-1 of the whole
 file, SHA-1 of 32 sampled 16 KiB blocks). Every load checks sizes and sampled blocks (a zeroed,
@@ -19,26 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import struct
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
-
-from rcd.errors import RcdError
+from rcd.datastore.storage import DatastoreError, write_json_atomic
 
 FORMAT = "rcd-datastore/2"
 SAMPLE_BLOCK = 16 * 1024
 SAMPLE_BLOCKS = 32
-
-
-class DatastoreError(RcdError, RuntimeError):
-    """A datastore that is missing, corrupt, incomplete or built for another model."""
 
 
 def fingerprint(spec: dict[str, Any]) -> str:
@@ -51,43 +43,6 @@ def slug(text: str) -> str:
 
 def folder_name(unit: str, corpus: str, model: str, fp: str) -> str:
     return f"{unit}-{slug(corpus)}-{slug(Path(model).name)}-{fp}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _host() -> str:
-    import socket
-
-    return re.sub(r"[^A-Za-z0-9.]+", ".", socket.gethostname()) or "host"
-
-
-def process_tag() -> str:
-    """``<host>_<pid>``: names this process's temporary files and folders uniquely, also across the
-    machines of a cluster that share the datastore folder (Ray workers, SLURM jobs)."""
-    return f"{_host()}_{os.getpid()}"
-
-
-def clean_stale_builds(root: Path) -> None:
-    """Remove ``.building-*`` folders left by builds on this machine whose process is gone (another
-    machine's builds are left alone: its processes cannot be checked from here)."""
-    for p in root.glob(".building-*"):
-        host, _, pid = p.name.rsplit("-", 1)[-1].rpartition("_")
-        if host and host != _host():
-            continue
-        try:
-            pid = int(pid)
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 @contextmanager
@@ -119,36 +74,6 @@ def build_lock(root: Path, unit: str, corpus: str):
                              "folder> (or RCD_CACHE)") from None
     return file_lock(Path(root) / f".lock-{slug(unit)}-{slug(corpus)}",
                      f"to finish the {unit} datastore of {corpus!r} in {root}")
-
-
-@contextmanager
-def atomic_folder(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success rename it to ``final``, on error delete it."""
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_builds(final.parent)
-        tmp = final.parent / f".building-{final.name}-{process_tag()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise DatastoreError(f"cannot build datastore {final.name} in {final.parent} ({e.strerror}): set "
-                             "datastore_root=<a writable folder> (or RCD_CACHE)") from None
-    try:
-        yield tmp
-        if not (tmp / "manifest.json").exists():
-            raise DatastoreError(f"internal error: build of {final} wrote no manifest")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp-{process_tag()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def sampled_sha1(path: Path, size: Optional[int] = None) -> str:
@@ -256,27 +181,6 @@ def check_model(manifest: dict[str, Any], lm, folder: Path) -> None:
             f"(same command with model.name={lm.name}).")
 
 
-def open_array(folder: Path, spec: dict[str, Any], mmap: bool = True) -> np.ndarray:
-    """Open a .npy listed in the manifest and check its shape and dtype."""
-    path = folder / spec["file"]
-    if not path.exists():
-        raise DatastoreError(f"{path} is missing: the datastore is incomplete; delete {folder} and rebuild")
-    try:
-        arr = np.load(path, mmap_mode="r" if mmap else None)
-    except (ValueError, OSError) as e:
-        raise DatastoreError(f"{path} is corrupt ({e}); delete {folder} and rebuild") from e
-    if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
-        raise DatastoreError(f"{path} has shape {list(arr.shape)} / {arr.dtype}, manifest says "
-                             f"{spec['shape']} / {spec['dtype']}: corrupt datastore; delete {folder} and rebuild")
-    return arr
-
-
-def array_spec(file: str, arr_or_shape, dtype=None) -> dict[str, Any]:
-    if isinstance(arr_or_shape, np.ndarray):
-        return {"file": file, "shape": list(arr_or_shape.shape), "dtype": str(arr_or_shape.dtype)}
-    return {"file": file, "shape": list(arr_or_shape), "dtype": str(np.dtype(dtype))}
-
-
 class Timer:
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -298,38 +202,3 @@ def find_existing(root: Path, fp: str) -> Optional[Path]:
     return None
 
 
-class NpyAppender:
-    """Writes a ``.npy`` array of unknown length block by block; the header is written on close.
-
-    The header is a fixed 128 bytes (a valid format-1.0 header), so rows are streamed straight to
-    disk and the result is memory-mappable with ``np.load(mmap_mode="r")``.
-    """
-
-    HEADER = 128
-
-    def __init__(self, path: Path, dtype, row_shape: tuple = ()):
-        self.path = Path(path)
-        self.dtype = np.dtype(dtype)
-        self.row_shape = tuple(row_shape)
-        self.n = 0
-        self.f = open(self.path, "wb")
-        self.f.write(b"\0" * self.HEADER)
-
-    def append(self, rows) -> None:
-        a = np.ascontiguousarray(rows, dtype=self.dtype)
-        if a.shape[1:] != self.row_shape:
-            raise ValueError(f"{self.path.name}: rows of shape {a.shape[1:]}, expected {self.row_shape}")
-        self.f.write(a.tobytes())
-        self.n += a.shape[0]
-
-    def close(self) -> dict:
-        shape = (self.n,) + self.row_shape
-        header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
-            np.lib.format.dtype_to_descr(self.dtype), shape)
-        hlen = self.HEADER - 10
-        if len(header) >= hlen:
-            raise ValueError(f"{self.path}: header too long")
-        self.f.seek(0)
-        self.f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", hlen) + (header.ljust(hlen - 1) + "\n").encode("latin1"))
-        self.f.close()
-        return array_spec(self.path.name, shape, self.dtype)

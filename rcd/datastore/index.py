@@ -4,22 +4,58 @@
 Indexes that need training are trained on a random sample of the keys (fixed seed). Keys are
 added in blocks read from the memory-mapped key file, so RAM stays bounded. On a machine with a
 GPU and faiss-gpu, search runs on the GPU; otherwise on the CPU.
+
+How an index is built and searched is one value, :class:`IndexSpec` (factory string, metric,
+nprobe, efSearch, GPU, on-disk lists); a unit's config (``index_factory``, ``metric``, ``nprobe``,
+``ef_search``, ``use_gpu``, ``index_ondisk``) becomes one with :meth:`IndexSpec.from_config`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from rcd.datastore.base import DatastoreError, Timer, process_tag, sampled_sha1, slug
+from rcd.datastore.base import Timer, sampled_sha1, slug
+from rcd.datastore.storage import DatastoreError, process_tag
 
 log = logging.getLogger(__name__)
 
 METRICS = ("l2", "ip")
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A FAISS index: ``factory`` string, ``metric`` (l2 | ip), search parameters (``nprobe`` for IVF,
+    ``ef_search`` for HNSW), ``use_gpu`` (None = when faiss-gpu sees a GPU) and ``ondisk`` (IVF lists
+    memory-mapped from disk, :mod:`rcd.datastore.ondisk`)."""
+
+    factory: str = "Flat"
+    metric: str = "l2"
+    nprobe: Optional[int] = 32
+    ef_search: Optional[int] = 128
+    use_gpu: Optional[bool] = None
+    ondisk: bool = False
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric={self.metric!r}: choose one of {', '.join(METRICS)}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], prefix: str = "", **defaults) -> "IndexSpec":
+        """From a unit's flat config keys (``<prefix>index_factory``, ``<prefix>metric``, ``nprobe``, ...)."""
+        d = cls(**defaults)
+        return cls(factory=str(cfg.get(f"{prefix}index_factory") or d.factory),
+                   metric=str(cfg.get(f"{prefix}metric") or d.metric), nprobe=cfg.get("nprobe", d.nprobe),
+                   ef_search=cfg.get("ef_search", d.ef_search), use_gpu=cfg.get("use_gpu", d.use_gpu),
+                   ondisk=bool(cfg.get("index_ondisk", d.ondisk)))
+
+    def replace(self, **changes) -> "IndexSpec":
+        return replace(self, **changes)
 
 
 def _faiss():
@@ -103,18 +139,18 @@ def _index_intact(path: Path) -> bool:
         return False
 
 
-def load_or_build_index(folder: Path, keys: np.ndarray, factory: str, metric: str, *, nprobe: Optional[int] = None,
-                        ef_search: Optional[int] = None, use_gpu: Optional[bool] = None, progress: bool = False,
-                        ondisk: bool = False, keys_spec: Optional[dict] = None, bounds=None, map_fn=None):
+def load_or_build_index(folder: Path, keys: np.ndarray, spec: IndexSpec, *, progress: bool = False,
+                        keys_spec: Optional[dict] = None, bounds=None, map_fn=None):
     """Open ``index/<factory>-<metric>.faiss`` (building it the first time) and set search params.
 
-    ``ondisk=True``: an IVF index whose inverted lists stay on disk (:mod:`rcd.datastore.ondisk`),
+    ``spec.ondisk``: an IVF index whose inverted lists stay on disk (:mod:`rcd.datastore.ondisk`),
     filled block by block (``bounds``: row starts of shards, each its own block; ``map_fn`` fills the
     blocks in parallel), searched on the CPU through a memory map. Needs ``keys_spec`` (the manifest
     entry of the keys, so workers can reopen them)."""
     faiss = _faiss()
     from rcd.datastore import ondisk as od
 
+    factory, metric, ondisk, use_gpu = spec.factory, spec.metric, spec.ondisk, spec.use_gpu
     path = index_path(folder, factory, metric, ondisk)
     intact = od.intact if ondisk else _index_intact
     if path.exists() and not intact(path):
@@ -145,7 +181,7 @@ def load_or_build_index(folder: Path, keys: np.ndarray, factory: str, metric: st
         t = Timer()
         index = build_index(keys, factory, metric, progress=progress)
         save_index(index, folder, factory, metric, {"build_seconds": round(t.seconds, 2)})
-    set_search_params(index, nprobe=nprobe, ef_search=ef_search)
+    set_search_params(index, nprobe=spec.nprobe, ef_search=spec.ef_search)
     if use_gpu is None:
         use_gpu = gpu_available() and not ondisk  # on-disk lists are searched where they are: on the CPU
     if use_gpu and ondisk:

@@ -30,31 +30,23 @@ is refused (:func:`rcd.datastore.base.check_model`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-from rcd.compat import output_cache
-
-from rcd.datastore import base, shards
-from rcd.datastore.base import NpyAppender
-from rcd.datastore.chunks import (ChunkDatastore, ChunkHits, folder_bytes, merge_chunk_folders, resolve_parts,
-                                  shard_label, shard_rows)
-from rcd.datastore.index import load_or_build_index
+from rcd.compat import cache_layers, output_cache
+from rcd.datastore import base
+from rcd.datastore.chunks import ChunkDatastore, ChunkHits, ChunkParams, merge_chunk_store, resolve_parts, write_chunk_store
+from rcd.datastore.index import IndexSpec, load_or_build_index
+from rcd.datastore.shards import shard_label
+from rcd.datastore.storage import DatastoreError, NpyAppender, concat_array, folder_bytes, open_array
+from rcd.datastore.unit import Plan, Unit
 from rcd.hooks import HiddenCapture
 
 log = logging.getLogger(__name__)
-
-
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) [B, kv_heads, T, head_dim] of every layer of a transformers cache (any version)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    return [(k, v) for k, v in cache]
 
 
 def _layer_name(layer) -> str:
@@ -74,16 +66,16 @@ class LatentDatastore:
         self.lm = lm
         self.device = lm.device
         self.dtype = next(lm.model.parameters()).dtype
-        self.tokens_flat = base.open_array(self.folder, manifest["chunk_tokens"])
-        self.offsets = np.asarray(base.open_array(self.folder, manifest["chunk_token_offsets"]))
+        self.tokens_flat = open_array(self.folder, manifest["chunk_tokens"])
+        self.offsets = np.asarray(open_array(self.folder, manifest["chunk_token_offsets"]))
         if len(self.offsets) != len(text) + 1:
-            raise base.DatastoreError(f"{self.folder}: {len(self.offsets) - 1} token chunks but {len(text)} texts; "
+            raise DatastoreError(f"{self.folder}: {len(self.offsets) - 1} token chunks but {len(text)} texts; "
                                       f"delete {self.folder} and rebuild")
-        self.kv_layers = ([base.open_array(self.folder, spec) for spec in manifest["kv"]["layers"]]
+        self.kv_layers = ([open_array(self.folder, spec) for spec in manifest["kv"]["layers"]]
                           if manifest.get("kv") else None)
         mem = manifest.get("memories")
-        self.memory_keys = base.open_array(self.folder, mem["keys"]) if mem else None
-        self.memory_values = (base.open_array(self.folder, mem["values"]) if mem and mem.get("values")
+        self.memory_keys = open_array(self.folder, mem["keys"]) if mem else None
+        self.memory_values = (open_array(self.folder, mem["values"]) if mem and mem.get("values")
                               else self.memory_keys)
         self.memory_index = memory_index
         self.memory_metric = memory_metric
@@ -199,23 +191,23 @@ class LatentDatastore:
 
     # ---------------------------------------------------------------- load
     @classmethod
-    def load(cls, folder: Path, lm, *, encoder=None, retriever: Optional[str] = None, index_factory="Flat",
-             metric="ip", memory_index_factory="Flat", memory_metric="l2", nprobe=32, ef_search=128, use_gpu=None,
-             rrf_k=60, candidates=100, progress=False) -> "LatentDatastore":
+    def load(cls, folder: Path, lm, *, encoder=None, retriever: Optional[str] = None, index: Optional[IndexSpec] = None,
+             memory_index: Optional[IndexSpec] = None, rrf_k=60, candidates=100, progress=False) -> "LatentDatastore":
+        """Open a built folder: ``index`` searches the chunk texts (default exact inner product),
+        ``memory_index`` the memories (default exact L2)."""
         folder = Path(folder)
+        memory_index = memory_index if memory_index is not None else IndexSpec(metric="l2")
         manifest = base.read_manifest(folder)
         if manifest.get("unit") != "latent":
-            raise base.DatastoreError(f"{folder} holds a {manifest.get('unit')!r} datastore, not latent")
+            raise DatastoreError(f"{folder} holds a {manifest.get('unit')!r} datastore, not latent")
         base.check_model(manifest, lm, folder)
-        text = ChunkDatastore.load(folder / "text", lm, encoder=encoder, retriever=retriever,
-                                   index_factory=index_factory, metric=metric, nprobe=nprobe, ef_search=ef_search,
-                                   use_gpu=use_gpu, rrf_k=rrf_k, candidates=candidates, progress=progress)
+        text = ChunkDatastore.load(folder / "text", lm, encoder=encoder, retriever=retriever, index=index, rrf_k=rrf_k,
+                                   candidates=candidates, progress=progress)
         mindex = None
         if manifest.get("memories"):
-            keys = base.open_array(folder, manifest["memories"]["keys"])
-            mindex = load_or_build_index(folder, keys, memory_index_factory, memory_metric, nprobe=nprobe,
-                                         ef_search=ef_search, use_gpu=use_gpu, progress=progress)
-        return cls(folder, manifest, text, lm, memory_index=mindex, memory_metric=memory_metric)
+            keys = open_array(folder, manifest["memories"]["keys"])
+            mindex = load_or_build_index(folder, keys, memory_index, progress=progress)
+        return cls(folder, manifest, text, lm, memory_index=mindex, memory_metric=memory_index.metric)
 
 
 # --------------------------------------------------------------------------- build
@@ -332,162 +324,121 @@ def write_latents(tmp: Path, lm, tokens: np.ndarray, offsets: np.ndarray, *, kv:
     return out
 
 
-def _resolve(lm, corpus_ds, corpus_name, *, kv, memories, memory_layer, memory_value_layer, kv_dtype, memory_dtype,
-             shard, num_shards, **chunk_kw):
-    if lm is None:
-        raise ValueError("the latent datastore is built with the LM itself: a model is needed")
-    if not kv and not memories:
-        raise ValueError("latent datastore with kv=false and memories=false would hold nothing; enable one")
-    for name, dt in (("kv_dtype", kv_dtype), ("memory_dtype", memory_dtype)):
-        if dt not in ("float16", "float32"):
-            raise ValueError(f"{name}={dt!r}: choose float16 or float32")
-    if memories:
-        from rcd.hooks import resolve_layer
+# --------------------------------------------------------------------------- build / merge
+@dataclass
+class LatentParams(ChunkParams):
+    """``conf/datastore/latent.yaml``: the chunks (passage settings), what is kept of the LM's forward
+    over each, and the memory index."""
 
-        resolve_layer(lm.model, memory_layer)  # fails early on a bad layer
-        if memory_value_layer is not None:
-            resolve_layer(lm.model, memory_value_layer)
-    chunker, enc, sh, espec = resolve_parts(lm, corpus_ds, corpus_name, shard=shard, num_shards=num_shards, **chunk_kw)
-    ident = base.model_identity(lm)
-    spec = {"unit": "latent", "entries": espec, "model": ident["fingerprint"], "dtype": ident["dtype"],
-            "tokenizer": ident["tokenizer"], "hidden_size": ident["hidden_size"], "kv": bool(kv), "kv_dtype": kv_dtype if kv else None,
-            "memories": bool(memories), "memory_layer": _layer_name(memory_layer) if memories else None,
-            "memory_value_layer": (_layer_name(memory_value_layer) if memories and memory_value_layer is not None
-                                   else None), "memory_dtype": memory_dtype if memories else None}
-    return chunker, enc, sh, espec, spec
+    chunk_size: int = 64
+    overlap: int = 0
+    kv: bool = True
+    memories: bool = True
+    memory_layer: Union[int, str] = -2
+    memory_value_layer: Union[int, str, None] = None
+    kv_dtype: str = "float16"
+    memory_dtype: str = "float16"
+    memory_index_factory: str = "Flat"
+    memory_metric: str = "l2"
+    batch_size: int = 8                 # LM batch
+    encoder_batch_size: int = 64
 
 
-def _folder(root, corpus_name, lm, sh, spec) -> tuple[Path, bool]:
-    fp = base.fingerprint(spec)
-    found = base.find_existing(root, fp)
-    if found is not None:
-        return found, True
-    return Path(root) / base.folder_name("latent", shard_label(corpus_name, sh), lm.name, fp), False
-
-
-def _manifest(spec, lm, files, latents, timer, extra=None) -> dict:
-    return {"format": base.FORMAT, "unit": "latent", "fingerprint": base.fingerprint(spec), "spec": spec,
+def _manifest(plan: Plan, lm, files, latents, timer, extra=None) -> dict:
+    return {"format": base.FORMAT, "unit": "latent", "fingerprint": plan.fingerprint, "spec": plan.spec,
             "model": base.model_identity(lm), "size": files["size"], "tokens": files["tokens"],
             "chunk_tokens": files["chunk_tokens"], "chunk_token_offsets": files["chunk_token_offsets"],
             "text": "text", **latents, "build_seconds": round(timer.seconds, 2), **(extra or {})}
 
 
-def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, chunking: str = "tokens", chunk_size: int = 64,
-                  overlap: int = 0, kv: bool = True, memories: bool = True, memory_layer: Union[int, str] = -2,
-                  memory_value_layer: Union[int, str, None] = None, kv_dtype: str = "float16",
-                  memory_dtype: str = "float16", retriever: str = "dense", encoder="minilm",
-                  index_factory: str = "Flat", metric: str = "ip", memory_index_factory: str = "Flat",
-                  memory_metric: str = "l2", rrf_k: int = 60, batch_size: int = 8, encoder_batch_size: int = 64,
-                  max_chunks: Optional[int] = None, progress: bool = True, shard: Optional[int] = None,
-                  num_shards: Optional[int] = None, key_dtype: str = "float32", nprobe: int = 32,
-                  ef_search: int = 128, use_gpu=None, candidates: int = 100, **unused) -> LatentDatastore:
-    """Reuse the latent datastore with the same fingerprint under ``root`` or build it."""
-    if root is None:
-        from rcd.paths import cache_dir
+class LatentUnit(Unit):
+    """The chunk texts are a chunk store in ``text/``; KV layers and memories sit next to it."""
 
-        root = cache_dir("datastores")
-    chunk_kw = dict(chunking=chunking, chunk_size=chunk_size, overlap=overlap, retriever=retriever, encoder=encoder,
-                    max_chunks=max_chunks, key_dtype=key_dtype)
-    lat_kw = dict(kv=kv, memories=memories, memory_layer=memory_layer, memory_value_layer=memory_value_layer,
-                  kv_dtype=kv_dtype, memory_dtype=memory_dtype)
-    chunker, enc, sh, espec, spec = _resolve(lm, corpus_ds, corpus_name, shard=shard, num_shards=num_shards,
-                                             **lat_kw, **chunk_kw)
-    folder, exists = _folder(root, corpus_name, lm, sh, spec)
-    if not exists:
+    name = "latent"
+    Params = LatentParams
+
+    def plan(self, lm, corpus_ds, corpus_name, p, shard) -> Plan:
+        if lm is None:
+            raise ValueError("the latent datastore is built with the LM itself: a model is needed")
+        if not p.kv and not p.memories:
+            raise ValueError("latent datastore with kv=false and memories=false would hold nothing; enable one")
+        for name, dt in (("kv_dtype", p.kv_dtype), ("memory_dtype", p.memory_dtype)):
+            if dt not in ("float16", "float32"):
+                raise ValueError(f"{name}={dt!r}: choose float16 or float32")
+        if p.memories:
+            from rcd.hooks import resolve_layer
+
+            resolve_layer(lm.model, p.memory_layer)  # fails early on a bad layer
+            if p.memory_value_layer is not None:
+                resolve_layer(lm.model, p.memory_value_layer)
+        parts = resolve_parts(lm, corpus_ds, corpus_name, p, shard)
+        ident = base.model_identity(lm)
+        mem = p.memories
+        spec = {"unit": "latent", "entries": parts["entries_spec"], "model": ident["fingerprint"],
+                "dtype": ident["dtype"], "tokenizer": ident["tokenizer"], "hidden_size": ident["hidden_size"],
+                "kv": bool(p.kv), "kv_dtype": p.kv_dtype if p.kv else None, "memories": bool(mem),
+                "memory_layer": _layer_name(p.memory_layer) if mem else None,
+                "memory_value_layer": (_layer_name(p.memory_value_layer) if mem and p.memory_value_layer is not None
+                                       else None), "memory_dtype": p.memory_dtype if mem else None}
+        return Plan(spec, shard_label(corpus_name, shard), lm.name, shard, parts)
+
+    def _text_params(self, p: LatentParams) -> LatentParams:
+        """The chunk store of the texts is embedded with the encoder's batch, not the LM's."""
+        import dataclasses
+
+        return dataclasses.replace(p, batch_size=p.encoder_batch_size)
+
+    def write(self, tmp, plan, p, lm, corpus_ds, progress) -> None:
         timer = base.Timer()
-        max_len = getattr(lm.model.config, "max_position_embeddings", None)
-        with base.atomic_folder(folder) as tmp:
-            sink = _TokenSink(tmp, lm.tokenizer, max_len)
-            ChunkDatastore.build(corpus_ds, tmp / "text", espec, chunker, retriever=retriever, encoder=enc,
-                                 rows=shard_rows(len(corpus_ds), sh), batch_size=encoder_batch_size,
-                                 key_dtype=key_dtype, max_chunks=max_chunks, progress=progress, lm=lm,
-                                 on_chunks=sink)
-            tok_spec, off_spec = sink.close()
-            tokens = base.open_array(tmp, tok_spec)
-            offsets = np.asarray(base.open_array(tmp, off_spec))
-            latents = write_latents(tmp, lm, tokens, offsets, kv=kv, memories=memories, memory_layer=memory_layer,
-                                    memory_value_layer=memory_value_layer, kv_dtype=kv_dtype,
-                                    memory_dtype=memory_dtype, batch_size=batch_size, progress=progress)
-            del tokens
-            files = {"size": len(offsets) - 1, "tokens": int(offsets[-1]), "chunk_tokens": tok_spec,
-                     "chunk_token_offsets": off_spec}
-            base.write_manifest(tmp, _manifest(spec, lm, files, latents, timer))
-        log.info("built latent datastore %s in %.1fs", folder, timer.seconds)
-    return LatentDatastore.load(folder, lm, encoder=enc, index_factory=index_factory, metric=metric,
-                                memory_index_factory=memory_index_factory, memory_metric=memory_metric,
-                                nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu, rrf_k=rrf_k,
-                                candidates=candidates, progress=progress)
+        sink = _TokenSink(tmp, lm.tokenizer, getattr(lm.model.config, "max_position_embeddings", None))
+        write_chunk_store(tmp / "text", plan, self._text_params(p), lm, corpus_ds, progress, on_chunks=sink)
+        tok_spec, off_spec = sink.close()
+        tokens = open_array(tmp, tok_spec)
+        offsets = np.asarray(open_array(tmp, off_spec))
+        latents = write_latents(tmp, lm, tokens, offsets, kv=p.kv, memories=p.memories, memory_layer=p.memory_layer,
+                                memory_value_layer=p.memory_value_layer, kv_dtype=p.kv_dtype,
+                                memory_dtype=p.memory_dtype, batch_size=p.batch_size, progress=progress)
+        del tokens
+        files = {"size": len(offsets) - 1, "tokens": int(offsets[-1]), "chunk_tokens": tok_spec,
+                 "chunk_token_offsets": off_spec}
+        base.write_manifest(tmp, _manifest(plan, lm, files, latents, timer))
 
-
-def merge_shards(lm, corpus_ds, corpus_name: str, root: Path, *, num_shards: int, chunking="tokens", chunk_size=64,
-                 overlap=0, kv=True, memories=True, memory_layer=-2, memory_value_layer=None, kv_dtype="float16",
-                 memory_dtype="float16", retriever="dense", encoder="minilm", index_factory="Flat", metric="ip",
-                 memory_index_factory="Flat", memory_metric="l2", rrf_k=60, max_chunks=None, progress=True,
-                 key_dtype="float32", nprobe=32, ef_search=128, use_gpu=None, candidates=100, shard=None,
-                 **unused) -> LatentDatastore:
-    """Merge latent shards: text sub-folders, token arrays, KV layers and memories concatenated."""
-    if root is None:
-        from rcd.paths import cache_dir
-
-        root = cache_dir("datastores")
-    chunk_kw = dict(chunking=chunking, chunk_size=chunk_size, overlap=overlap, retriever=retriever, encoder=encoder,
-                    max_chunks=max_chunks, key_dtype=key_dtype)
-    lat_kw = dict(kv=kv, memories=memories, memory_layer=memory_layer, memory_value_layer=memory_value_layer,
-                  kv_dtype=kv_dtype, memory_dtype=memory_dtype)
-    chunker, enc, _, espec, spec = _resolve(lm, corpus_ds, corpus_name, shard=None, num_shards=None, **lat_kw,
-                                            **chunk_kw)
-    folder, exists = _folder(root, corpus_name, lm, None, spec)
-    if not exists:
-        parts = []
-        for i in range(int(num_shards)):
-            sspec = _resolve(lm, corpus_ds, corpus_name, shard=i, num_shards=num_shards, **lat_kw, **chunk_kw)[4]
-            parts.append(shards.require_shard(root, sspec, "latent", i, num_shards))
-        manifests = [base.read_manifest(p) for p in parts]
+    def merge(self, tmp, plan, parts, p, lm, progress) -> None:
+        """Text sub-folders, token arrays, KV layers and memories concatenated."""
+        manifests = [base.read_manifest(q) for q in parts]
         timer = base.Timer()
-        with base.atomic_folder(folder) as tmp:
-            merge_chunk_folders([p / "text" for p in parts], tmp / "text", espec, chunker_spec=chunker.spec(),
-                                retriever=retriever, encoder=enc, progress=progress, lm=lm)
-            tok_spec = shards.concat_array(parts, "chunk_tokens", tmp)
-            offs = NpyAppender(tmp / "chunk_token_offsets.npy", np.int64)
-            offs.append([0])
-            total = 0
-            for p, m in zip(parts, manifests):
-                o = np.asarray(base.open_array(p, m["chunk_token_offsets"]))
-                offs.append(o[1:] + total)
-                total += int(o[-1])
-            off_spec = offs.close()
-            latents: dict[str, Any] = {"kv": None, "memories": None}
-            if kv:
-                (tmp / "kv").mkdir()
-                layer_specs = []
-                for li in range(manifests[0]["kv"]["num_layers"]):
-                    sub = [{"layer": m["kv"]["layers"][li]} for m in manifests]
-                    layer_specs.append(_concat_specs(parts, sub, "layer", tmp))
-                latents["kv"] = {**manifests[0]["kv"], "layers": layer_specs}
-            if memories:
-                mem = dict(manifests[0]["memories"])
-                mem["keys"] = _concat_specs(parts, [m["memories"] for m in manifests], "keys", tmp)
-                if mem.get("values"):
-                    mem["values"] = _concat_specs(parts, [m["memories"] for m in manifests], "values", tmp)
-                latents["memories"] = mem
-            files = {"size": sum(m["size"] for m in manifests), "tokens": total, "chunk_tokens": tok_spec,
-                     "chunk_token_offsets": off_spec}
-            base.write_manifest(tmp, _manifest(spec, lm, files, latents, timer,
-                                                                    {"merged_from": [p.name for p in parts]}))
-    return LatentDatastore.load(folder, lm, encoder=enc, index_factory=index_factory, metric=metric,
-                                memory_index_factory=memory_index_factory, memory_metric=memory_metric,
-                                nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu, rrf_k=rrf_k,
-                                candidates=candidates, progress=progress)
+        merge_chunk_store(tmp / "text", plan, [q / "text" for q in parts], p, lm, progress)
+        tok_spec = concat_array(parts, [m["chunk_tokens"] for m in manifests], tmp)
+        offs = NpyAppender(tmp / "chunk_token_offsets.npy", np.int64)
+        offs.append([0])
+        total = 0
+        for q, m in zip(parts, manifests):
+            o = np.asarray(open_array(q, m["chunk_token_offsets"]))
+            offs.append(o[1:] + total)
+            total += int(o[-1])
+        off_spec = offs.close()
+        latents: dict[str, Any] = {"kv": None, "memories": None}
+        if p.kv:
+            (tmp / "kv").mkdir()
+            layer_specs = [concat_array(parts, [m["kv"]["layers"][li] for m in manifests], tmp)
+                           for li in range(manifests[0]["kv"]["num_layers"])]
+            latents["kv"] = {**manifests[0]["kv"], "layers": layer_specs}
+        if p.memories:
+            mem = dict(manifests[0]["memories"])
+            mem["keys"] = concat_array(parts, [m["memories"]["keys"] for m in manifests], tmp)
+            if mem.get("values"):
+                mem["values"] = concat_array(parts, [m["memories"]["values"] for m in manifests], tmp)
+            latents["memories"] = mem
+        files = {"size": sum(m["size"] for m in manifests), "tokens": total, "chunk_tokens": tok_spec,
+                 "chunk_token_offsets": off_spec}
+        base.write_manifest(tmp, _manifest(plan, lm, files, latents, timer, {"merged_from": [q.name for q in parts]}))
+
+    def load(self, folder, plan, p, lm, progress, **extra) -> LatentDatastore:
+        return LatentDatastore.load(folder, lm, encoder=plan.parts["encoder"], index=p.index_spec(),
+                                    memory_index=p.index_spec("memory_"), rrf_k=p.rrf_k, candidates=p.candidates,
+                                    progress=progress)
 
 
-def _concat_specs(parts: list[Path], holders: list[dict], key: str, tmp: Path) -> dict:
-    """Concatenate the arrays ``holders[j][key]`` of part j into ``tmp`` (same relative file name)."""
-    specs = [h[key] for h in holders]
-    arrays = [base.open_array(p, s) for p, s in zip(parts, specs)]
-    out = NpyAppender(tmp / specs[0]["file"], arrays[0].dtype, arrays[0].shape[1:])
-    for a in arrays:
-        for s in range(0, a.shape[0], shards.BLOCK):
-            out.append(np.asarray(a[s:s + shards.BLOCK]))
-    spec = out.close()
-    spec["file"] = specs[0]["file"]
-    return spec
+UNIT = LatentUnit()
+build_or_load = UNIT.build_or_load
+merge_shards = UNIT.merge_shards

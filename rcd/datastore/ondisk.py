@@ -23,7 +23,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from rcd.datastore.base import DatastoreError, Timer, open_array, process_tag, sampled_sha1
+from rcd.datastore.base import Timer, sampled_sha1
+from rcd.datastore.storage import DatastoreError, open_array, process_tag
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from rcd.datastore import base
-from rcd.datastore.base import NpyAppender
-from rcd.datastore.index import load_or_build_index
+from rcd.datastore.index import IndexSpec, load_or_build_index
+from rcd.datastore.shards import shard_label, shard_rows
+from rcd.datastore.storage import DatastoreError, NpyAppender, array_spec, concat_array, folder_bytes, open_array
+from rcd.datastore.unit import Plan, Unit, UnitParams
 from rcd.hooks import KeyEncoder
 
 log = logging.getLogger(__name__)
@@ -98,91 +100,31 @@ class TokenDatastore:
                 "dtype": ident["dtype"], "tokenizer": ident["tokenizer"], "hidden_size": ident["hidden_size"], "layer": str(layer),
                 "max_tokens": max_tokens, "window": window, "stride": stride, "key_dtype": key_dtype}
 
-    @classmethod
-    def build(cls, lm, texts: list[str], folder: Path, spec: dict, *, layer="final", max_tokens=None,
-              window: int = 512, stride: Optional[int] = None, batch_size: int = 8, key_dtype: str = "float16",
-              progress: bool = True) -> Path:
-        """Encode ``texts`` and write keys/values/manifest into ``folder`` atomically."""
-        stride = stride or window
-        if key_dtype not in ("float16", "float32"):
-            raise ValueError(f"key_dtype={key_dtype!r}: choose float16 or float32")
-        timer = base.Timer()
-        docs = _tokenize_docs(lm.tokenizer, texts)
-        plans, total = plan_windows([len(d) for d in docs], window, stride, max_tokens)
-        if total == 0:
-            raise ValueError("the corpus is empty after tokenization: nothing to put in the datastore")
-        H = lm.hidden_size
-        model, dev = lm.model, lm.device
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        encoder = KeyEncoder(model, layer)
-        it = range(0, len(plans), batch_size)
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(it, desc="datastore tokens", unit="batch")
-        with base.atomic_folder(folder) as tmp:
-            # streamed to disk in order (no write-time memory map: resident memory is one batch)
-            keys = NpyAppender(tmp / "keys.npy", key_dtype, (H,))
-            vals = NpyAppender(tmp / "values.npy", np.int32)
-            where = NpyAppender(tmp / "positions.npy", np.int64, (2,))
-            w = 0
-            with torch.inference_mode():
-                for b in it:
-                    chunk = plans[b:b + batch_size]
-                    seqs = [docs[d][c:e] for d, c, s, e in chunk]  # tokens ctx_start..key_end-1
-                    L = max(len(x) for x in seqs)
-                    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-                    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-                    for i, x in enumerate(seqs):
-                        ids[i, :len(x)] = torch.tensor(x)
-                        mask[i, :len(x)] = 1
-                    hid = encoder(ids.to(dev), mask.to(dev)).float().cpu().numpy()
-                    for i, (d, c, s, e) in enumerate(chunk):
-                        n = e - s
-                        keys.append(hid[i, s - c:e - c])
-                        vals.append(docs[d][s + 1:e + 1])
-                        where.append(np.stack([np.full(n, d, dtype=np.int64), np.arange(s, e)], axis=1))
-                        w += n
-            assert w == total, (w, total)
-            for a in (keys, vals, where):
-                a.close()
-            manifest = {
-                "format": base.FORMAT, "unit": "tokens", "fingerprint": folder.name.rsplit("-", 1)[-1],
-                "spec": spec, "model": base.model_identity(lm), "layer": str(layer), "size": total,
-                "documents": len(docs), "window": window, "stride": stride,
-                "keys": base.array_spec("keys.npy", (total, H), key_dtype),
-                "values": base.array_spec("values.npy", (total,), np.int32),
-                "positions": base.array_spec("positions.npy", (total, 2), np.int64),
-                "build_seconds": round(timer.seconds, 2), "tokens_per_second": round(total / timer.seconds, 1),
-            }
-            base.write_manifest(tmp, manifest)
-        log.info("built token datastore %s: %d entries in %.1fs", folder, total, timer.seconds)
-        return folder
-
     # ------------------------------------------------------------------ load
     @classmethod
-    def load(cls, folder: Path, lm, *, index_factory: str = "Flat", metric: str = "l2", nprobe: int = 32,
-             ef_search: int = 128, use_gpu: Optional[bool] = None, rerank: bool = False, index_ondisk: bool = False,
+    def load(cls, folder: Path, lm, *, index: Optional[IndexSpec] = None, rerank: bool = False,
              map_fn=None) -> "TokenDatastore":
-        """Open a built folder. ``index_ondisk``: an IVF index with its lists on disk, filled one block per
-        shard of a merged build (``map_fn`` fills them in parallel, e.g. as Ray tasks)."""
+        """Open a built folder (``index``: default exact L2). An on-disk index (``index.ondisk``) is an IVF
+        index with its lists on disk, filled one block per shard of a merged build (``map_fn`` fills them
+        in parallel, e.g. as Ray tasks)."""
         folder = Path(folder)
+        index = index if index is not None else IndexSpec(metric="l2")
         manifest = base.read_manifest(folder)
         if manifest.get("unit") != "tokens":
-            raise base.DatastoreError(f"{folder} holds a {manifest.get('unit')!r} datastore, not tokens")
+            raise DatastoreError(f"{folder} holds a {manifest.get('unit')!r} datastore, not tokens")
         base.check_model(manifest, lm, folder)
-        keys = base.open_array(folder, manifest["keys"])
-        values = base.open_array(folder, manifest["values"])
-        index = load_or_build_index(folder, keys, index_factory, metric, nprobe=nprobe, ef_search=ef_search,
-                                    use_gpu=use_gpu, ondisk=bool(index_ondisk), keys_spec=manifest["keys"],
-                                    bounds=manifest.get("shard_key_starts"), map_fn=map_fn)
-        return cls(folder, manifest, keys, values, index, metric, lm.device, rerank=rerank)
+        keys = open_array(folder, manifest["keys"])
+        values = open_array(folder, manifest["values"])
+        faiss_index = load_or_build_index(folder, keys, index, keys_spec=manifest["keys"],
+                                          bounds=manifest.get("shard_key_starts"), map_fn=map_fn)
+        return cls(folder, manifest, keys, values, faiss_index, index.metric, lm.device, rerank=rerank)
 
     # ---------------------------------------------------------------- text around an entry
     def context(self, i: int, before: int, after: int) -> list[int]:
         """Token ids of the corpus around entry ``i``: the ``before`` tokens up to and including its value
         (the token after its key position) and ``after`` tokens more, within its document."""
         if getattr(self, "_positions", None) is None:
-            self._positions = base.open_array(self.folder, self.manifest["positions"])
+            self._positions = open_array(self.folder, self.manifest["positions"])
         pos, n = self._positions, len(self)
         doc = int(pos[int(i)][0])
         lo, hi = int(i), int(i)
@@ -245,27 +187,136 @@ class TokenDatastore:
         return {"unit": "tokens", "size": len(self), "folder": str(self.folder),
                 "index": type(self.index).__name__, "metric": self.metric,
                 "index_ondisk": self._ondisk(),
-                "bytes": sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())}
+                "bytes": folder_bytes(self.folder)}
 
 
-def build_or_load(lm, corpus_ds, corpus_name: str, root: Path, *, layer="final", max_tokens=100_000, window=512,
-                  stride=None, batch_size=8, key_dtype="float16", index_factory="Flat", metric="l2", nprobe=32,
-                  ef_search=128, use_gpu=None, rerank=False, index_ondisk=False, progress=True,
-                  **unused) -> TokenDatastore:
-    """Reuse the datastore with the same fingerprint under ``root`` or build it."""
-    from rcd.corpus import fingerprint as corpus_fingerprint
+# --------------------------------------------------------------------------- build / merge
+@dataclass
+class TokenParams(UnitParams):
+    """``conf/datastore/tokens.yaml``: which hidden states become keys, and the index over them."""
 
-    if len(corpus_ds) == 0:
-        raise ValueError(f"corpus {corpus_name!r} is empty: nothing to build a datastore from")
-    stride = stride or window
-    spec = TokenDatastore.spec(lm, corpus_name, corpus_fingerprint(corpus_ds), layer, max_tokens, window, stride,
-                               key_dtype)
-    fp = base.fingerprint(spec)
-    folder = base.find_existing(root, fp)
-    if folder is None:
-        folder = Path(root) / base.folder_name("tokens", corpus_name, lm.name, fp)
-        TokenDatastore.build(lm, list(corpus_ds["text"]), folder, spec, layer=layer, max_tokens=max_tokens,
-                             window=window, stride=stride, batch_size=batch_size, key_dtype=key_dtype,
-                             progress=progress)
-    return TokenDatastore.load(folder, lm, index_factory=index_factory, metric=metric, nprobe=nprobe,
-                               ef_search=ef_search, use_gpu=use_gpu, rerank=rerank, index_ondisk=index_ondisk)
+    layer: Any = "final"
+    max_tokens: Optional[int] = 100_000
+    window: int = 512
+    stride: Optional[int] = None
+    batch_size: int = 8
+    key_dtype: str = "float16"
+    index_factory: str = "Flat"
+    metric: str = "l2"
+    nprobe: int = 32
+    ef_search: int = 128
+    use_gpu: Optional[bool] = None
+    rerank: bool = False
+    index_ondisk: bool = False
+
+
+def write_tokens(tmp: Path, plan: Plan, p: TokenParams, lm, progress: bool) -> None:
+    """Encode the plan's documents and stream keys / values / positions and the manifest into ``tmp``."""
+    window, stride, key_dtype, layer = p.window, p.stride or p.window, p.key_dtype, p.layer
+    timer = base.Timer()
+    docs = _tokenize_docs(lm.tokenizer, list(plan.parts["corpus"]["text"]))
+    plans, total = plan_windows([len(d) for d in docs], window, stride, p.max_tokens)
+    if total == 0:
+        raise ValueError("the corpus is empty after tokenization: nothing to put in the datastore")
+    H = lm.hidden_size
+    model, dev = lm.model, lm.device
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    encoder = KeyEncoder(model, layer)
+    it = range(0, len(plans), p.batch_size)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="datastore tokens", unit="batch")
+    # streamed to disk in order (no write-time memory map: resident memory is one batch)
+    keys = NpyAppender(tmp / "keys.npy", key_dtype, (H,))
+    vals = NpyAppender(tmp / "values.npy", np.int32)
+    where = NpyAppender(tmp / "positions.npy", np.int64, (2,))
+    w = 0
+    with torch.inference_mode():
+        for b in it:
+            chunk = plans[b:b + p.batch_size]
+            seqs = [docs[d][c:e] for d, c, s, e in chunk]  # tokens ctx_start..key_end-1
+            L = max(len(x) for x in seqs)
+            ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), L), dtype=torch.long)
+            for i, x in enumerate(seqs):
+                ids[i, :len(x)] = torch.tensor(x)
+                mask[i, :len(x)] = 1
+            hid = encoder(ids.to(dev), mask.to(dev)).float().cpu().numpy()
+            for i, (d, c, s, e) in enumerate(chunk):
+                n = e - s
+                keys.append(hid[i, s - c:e - c])
+                vals.append(docs[d][s + 1:e + 1])
+                where.append(np.stack([np.full(n, d, dtype=np.int64), np.arange(s, e)], axis=1))
+                w += n
+    assert w == total, (w, total)
+    for a in (keys, vals, where):
+        a.close()
+    base.write_manifest(tmp, {
+        "format": base.FORMAT, "unit": "tokens", "fingerprint": plan.fingerprint,
+        "spec": plan.spec, "model": base.model_identity(lm), "layer": str(layer), "size": total,
+        "documents": len(docs), "window": window, "stride": stride,
+        "keys": array_spec("keys.npy", (total, H), key_dtype),
+        "values": array_spec("values.npy", (total,), np.int32),
+        "positions": array_spec("positions.npy", (total, 2), np.int64),
+        "build_seconds": round(timer.seconds, 2), "tokens_per_second": round(total / timer.seconds, 1),
+    })
+
+
+def merge_tokens(tmp: Path, plan: Plan, parts: list[Path], p: TokenParams, lm) -> None:
+    """Concatenate the shards' keys / values / positions (document ids shifted to the whole corpus)."""
+    timer = base.Timer()
+    n_rows, n = len(plan.parts["corpus"]), len(parts)
+    manifests = [base.read_manifest(q) for q in parts]
+    row_starts = [shard_rows(n_rows, (i, n)).start for i in range(n)]
+    keys = concat_array(parts, [m["keys"] for m in manifests], tmp)
+    values = concat_array(parts, [m["values"] for m in manifests], tmp)
+    positions = concat_array(parts, [m["positions"] for m in manifests], tmp, shift=row_starts, column=0)
+    total = keys["shape"][0]
+    seconds = sum(m.get("build_seconds", 0) for m in manifests) + timer.seconds
+    stride = p.stride or p.window
+    base.write_manifest(tmp, {
+        "format": base.FORMAT, "unit": "tokens", "fingerprint": plan.fingerprint, "spec": plan.spec,
+        "model": base.model_identity(lm), "layer": str(p.layer), "size": total, "documents": n_rows,
+        "window": p.window, "stride": stride, "keys": keys, "values": values, "positions": positions,
+        "build_seconds": round(seconds, 2), "tokens_per_second": round(total / max(seconds, 1e-9), 1),
+        "merged_from": [q.name for q in parts],
+        "shard_key_starts": list(np.cumsum([0] + [m["size"] for m in manifests[:-1]]).tolist()),
+    })
+
+
+class TokenUnit(Unit):
+    """Shards select corpus rows before the build; a merge concatenates keys/values/positions and, with
+    ``index_ondisk=true``, fills an on-disk IVF index one block per shard (``map_fn``: in parallel)."""
+
+    name = "tokens"
+    Params = TokenParams
+
+    def plan(self, lm, corpus_ds, corpus_name, p, shard) -> Plan:
+        from rcd.corpus import fingerprint as corpus_fingerprint
+
+        if p.key_dtype not in ("float16", "float32"):
+            raise ValueError(f"key_dtype={p.key_dtype!r}: choose float16 or float32")
+        rows = corpus_ds if shard is None else corpus_ds.select(shard_rows(len(corpus_ds), shard))
+        label = shard_label(corpus_name, shard)
+        spec = TokenDatastore.spec(lm, label, corpus_fingerprint(rows), p.layer, p.max_tokens, p.window,
+                                   p.stride or p.window, p.key_dtype)
+        return Plan(spec, label, lm.name, shard, {"corpus": rows})
+
+    def check_merge(self, p) -> None:
+        if p.max_tokens is not None:
+            raise ValueError("merging token shards needs datastore.max_tokens=null: a cap applies to each shard "
+                             "separately, so the merge would differ from an unsharded build")
+
+    def write(self, tmp, plan, p, lm, corpus_ds, progress) -> None:
+        write_tokens(tmp, plan, p, lm, progress)
+
+    def merge(self, tmp, plan, parts, p, lm, progress) -> None:
+        merge_tokens(tmp, plan, parts, p, lm)
+
+    def load(self, folder, plan, p, lm, progress, map_fn=None) -> TokenDatastore:
+        return TokenDatastore.load(folder, lm, index=p.index_spec(), rerank=p.rerank, map_fn=map_fn)
+
+
+UNIT = TokenUnit()
+build_or_load = UNIT.build_or_load
+merge_shards = UNIT.merge_shards

@@ -23,7 +23,8 @@ forward pass).
 from rcd.engine.core import LONG_PROMPT, Engine, EngineError, Output, Request, from_config
 from rcd.engine.decoding import Decoding
 from rcd.engine.processor import EngineProcessor, processor_for
-from rcd.engine.query import QUERY_MODES, passages_from_hits
+from rcd.control.context import passages_from_hits
+from rcd.engine.query import QUERY_MODES
 from rcd.engine.scoring import PerplexityResult, Scorer, windows
 
 __all__ = ["Engine", "EngineError", "Request", "Output", "from_config", "LONG_PROMPT", "QUERY_MODES",

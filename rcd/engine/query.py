@@ -20,8 +20,6 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional, Sequence
 
-from rcd.control.context import merge_passages, passages_from_hits  # noqa: F401 (re-exported here)
-
 QUERY_MODES = ("auto", "prompt", "last_sentence", "last_tokens", "prompt+generated")
 
 

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from rcd import report
+from rcd.paper import experiments, figures, render, stats, tables
 
 #: the project folder: experiments/, paper/ and runs/ are found under it (the working directory for
 #: ``rcd-paper``, the checkout for scripts/paper.py); set by :func:`main`
@@ -35,7 +35,7 @@ EXPERIMENTS = REPO / "experiments"
 
 
 def specs(only: list[str] | None) -> list[dict]:
-    out = [report.load_spec(p) for p in sorted(EXPERIMENTS.glob("*.yaml"))]
+    out = [experiments.load_spec(p) for p in sorted(EXPERIMENTS.glob("*.yaml"))]
     if not out:
         raise SystemExit(f"no experiment specs in {EXPERIMENTS}")
     if only:
@@ -51,7 +51,7 @@ def runnable(spec: dict) -> bool:
 
 
 def root_of(spec: dict, runs: Path) -> Path:
-    return report.experiment_root(runs, spec)
+    return experiments.experiment_root(runs, spec)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -110,8 +110,8 @@ def run_experiments(args) -> dict:
         rec = {"name": spec["name"], "points": 0, "reused": 0, "ran": 0, "failed": 0, "skipped": [],
                "wall_s": 0.0, "cpu_s": 0.0}
         recs.append(rec)
-        for entry in report.entries(spec, args.scale):
-            resolved = [report.resolve(p, root) for p in entry.points()]
+        for entry in experiments.entries(spec, args.scale):
+            resolved = [experiments.resolve(p, root) for p in entry.points()]
             rec["points"] += len(resolved)
             errors = sorted({r.error for r in resolved if r.error})
             tag = f"{spec['name']}/{entry.key}" + (f"/{entry.group}" if entry.group else "")
@@ -212,9 +212,9 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
             record["partial"] = True  # merged from more than one invocation
     (out / "regeneration.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = [[e["name"], str(e["points"]), str(e["ran"]), str(e["reused"]), str(e["failed"]), f"{e['wall_s']:.0f}",
-             f"{e.get('cpu_s', 0.0):.0f}", "; ".join(e["skipped"]) or report.MISSING] for e in record["experiments"]]
+             f"{e.get('cpu_s', 0.0):.0f}", "; ".join(e["skipped"]) or experiments.MISSING] for e in record["experiments"]]
     cmd = record.get("command", "")
-    t = report.Table(f"Regeneration log (scale: {record['scale']})",
+    t = tables.Table(f"Regeneration log (scale: {record['scale']})",
                      ["experiment", "points", "ran", "reused", "failed", "wall (s)", "CPU (s)", "skipped / failed rows"],
                      rows,
                      [f"Command: `{cmd}`; total wall time {record['wall_s']:.0f} s "
@@ -232,15 +232,15 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
 
 # ------------------------------------------------------------------------------------------ tables
 def scale_note(spec: dict, scale: str, runs: Path) -> str:
-    common = report.at_scale(spec.get("scales", {}), scale) or []
+    common = experiments.at_scale(spec.get("scales", {}), scale) or []
     ov = " ".join(f"`{o}`" for o in common) or "defaults"
     return (f"Scale: **{scale}** ({ov}); spec `experiments/{spec['name']}.yaml`, runs in "
             f"`{os.path.relpath(root_of(spec, runs), REPO)}/`.")
 
 
-def collected_rows(spec: dict, args) -> tuple[list, list[report.Row]]:
-    col = report.collect(spec, args.scale, root_of(spec, args.runs)) if runnable(spec) else []
-    return col, report.rows_of(col)
+def collected_rows(spec: dict, args) -> tuple[list, list[tables.Row]]:
+    col = experiments.collect(spec, args.scale, root_of(spec, args.runs)) if runnable(spec) else []
+    return col, tables.rows_of(col)
 
 
 def make_tables(args) -> dict[str, str]:
@@ -260,34 +260,34 @@ def make_tables(args) -> dict[str, str]:
                 src = all_specs[name]
                 for r in collected_rows(src, args)[1]:
                     label = r.label + (f" ({dict((g['key'], g.get('label', g['key'])) for g in src.get('groups') or []).get(r.group, r.group)})" if r.group else "")
-                    rows.append(report.Row(r.key, label, r.group, r.run))
+                    rows.append(tables.Row(r.key, label, r.group, r.run))
         else:
             rows = collected_rows(spec, args)[1]
-        table = report.build_table(spec, rows)
+        table = tables.build_table(spec, rows)
         table.notes.append(scale_note(spec, args.scale, args.runs) if spec["layout"] != "cost"
                            else f"Scale: **{args.scale}**; rows from {', '.join('`' + n + '`' for n in spec.get('from', []))}.")
         (out / f"{spec['name']}.md").write_text(table.markdown())
         (out / f"{spec['name']}.tex").write_text(table.latex())
-        values.update(report.table_values(spec, rows, table))
+        values.update(tables.table_values(spec, rows, table))
         print(f"[paper] table {out / (spec['name'] + '.md')}: {sum(r.run is not None for r in rows)}/{len(rows)} rows")
-    values.update(report.config_values(["+strategy=per_token"]))
-    scales = report.scales_table("What each scale runs", specs(None))
+    values.update(tables.config_values(["+strategy=per_token"]))
+    scales = tables.scales_table("What each scale runs", specs(None))
     scales.notes.append(f"Scale of this build: **{args.scale}**.")
-    for name, t in (("presets", report.presets_table("Presets: named points of the grid")), ("scales", scales)):
+    for name, t in (("presets", tables.presets_table("Presets: named points of the grid")), ("scales", scales)):
         (out / f"{name}.md").write_text(t.markdown())
         (out / f"{name}.tex").write_text(t.latex())
     for spec in specs(None):
         if runnable(spec):
-            col = report.collect(spec, args.scale, root_of(spec, args.runs))
+            col = experiments.collect(spec, args.scale, root_of(spec, args.runs))
             if spec["kind"] == "figure":
-                values.update(report.figure_values(spec, col))
+                values.update(figures.figure_values(spec, col))
             for _r, run in col:
                 if run is not None:
                     n_runs += 1
-                    compute_s += float(report.dig(run.results, "timing.total_s", 0.0))
-                    b = report.datastore_build_seconds(run.results)
+                    compute_s += float(experiments.dig(run.results, "timing.total_s", 0.0))
+                    b = stats.datastore_build_seconds(run.results)
                     if b is not None:
-                        builds[report.dig(run.results, "datastore.folder")] = float(b)
+                        builds[experiments.dig(run.results, "datastore.folder")] = float(b)
     values["compute.runs"] = str(n_runs)
     values["datastores.count"] = str(len(builds))
     values["datastores.build_minutes"] = f"{sum(builds.values()) / 60:.1f}"
@@ -297,11 +297,11 @@ def make_tables(args) -> dict[str, str]:
         r = json.loads(regen.read_text())
         values["regen.minutes"] = f"{r['wall_s'] / 60:.1f}"
         values["regen.cpu_minutes"] = f"{r.get('cpu_s', 0.0) / 60:.1f}"
-        values["regen.load_mean"] = str(r.get("load_mean", report.MISSING))
+        values["regen.load_mean"] = str(r.get("load_mean", experiments.MISSING))
         values["regen.scale"] = r["scale"]
         values["regen.ran"] = str(sum(e["ran"] for e in r["experiments"]))
         values["regen.reused"] = str(sum(e["reused"] for e in r["experiments"]))
-        values["regen.machine"] = r.get("machine", report.MISSING)
+        values["regen.machine"] = r.get("machine", experiments.MISSING)
         values["regen.threads"] = str(r.get("threads") or "torch's default number of")
     (out / "values.json").write_text(json.dumps(values, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     return values
@@ -312,8 +312,8 @@ def make_figures(args) -> None:
     for spec in specs(args.only):
         if spec["kind"] != "figure":
             continue
-        col = report.collect(spec, args.scale, root_of(spec, args.runs))
-        paths = report.build_figure(spec, col, out / spec["name"])
+        col = experiments.collect(spec, args.scale, root_of(spec, args.runs))
+        paths = figures.build_figure(spec, col, out / spec["name"])
         n = sum(run is not None for _, run in col)
         print(f"[paper] figure {paths[0]} (+ .pdf): {n}/{len(col)} runs")
 
@@ -322,7 +322,7 @@ def make_paper(args) -> None:
     values = json.loads((args.out / "tables" / "values.json").read_text())
     src = (args.out / "paper.src.md").read_text()
     missing: list = []
-    text = report.render_paper(src, args.out, values, missing)
+    text = render.render_paper(src, args.out, values, missing)
     header = "<!-- generated by scripts/paper.py from paper/paper.src.md and paper/tables/*; do not edit -->\n"
     (args.out / "paper.md").write_text(header + text)
     print(f"[paper] {args.out / 'paper.md'}" + (f" (missing: {', '.join(sorted(set(missing)))})" if missing else ""))
@@ -332,7 +332,7 @@ def print_plan(args) -> None:
     for spec in specs(args.only):
         if not runnable(spec):
             continue
-        for r, run in report.collect(spec, args.scale, root_of(spec, args.runs)):
+        for r, run in experiments.collect(spec, args.scale, root_of(spec, args.runs)):
             status = "done" if run is not None else (f"skip: {r.error}" if r.error else "pending")
             where = os.path.relpath(r.folder, REPO) if r.folder else "-"
             print(f"{spec['name']}\t{r.point.key}\t{r.point.group or '-'}\t{r.point.params or ''}\t{status}\t{where}")
@@ -345,7 +345,7 @@ def main(argv=None, project: Path | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", nargs="+", choices=["run", "tables", "figures", "paper", "all", "plan"],
                     help="one or more steps, run in the order run, tables, figures, paper")
-    ap.add_argument("--scale", choices=report.SCALES, default="small")
+    ap.add_argument("--scale", choices=experiments.SCALES, default="small")
     ap.add_argument("--runs", type=Path, default=Path(os.environ.get("RCD_RUNS", "runs")),
                     help="root of run folders (experiment <name> -> <runs>/<name>/)")
     ap.add_argument("--only", nargs="*", help="experiment names (default: all)")
