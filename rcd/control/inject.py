@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from rcd.compat import output_cache
+from rcd.compat import cache_layers, output_cache
 from rcd.control.base import Control
 from rcd.errors import RcdError
 from rcd.hooks import resolve_layer
@@ -94,12 +94,6 @@ def layer_types(model) -> Optional[list[str]]:
     return list(types) if types else None
 
 
-def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
 class KVInjection(Control):
     """how = inject (KV prefix): cache = [chunk KVs (positions per ``positions``)] + prompt + generation."""
 
@@ -108,16 +102,25 @@ class KVInjection(Control):
     accepts_units: tuple[str, ...] = ("latent",)
     rebuilds_prompt = True
 
-    def __init__(self, positions: str = "shift", max_prefix_tokens: Optional[int] = None) -> None:
+    def __init__(self, positions: str = "shift", max_prefix_tokens: Optional[int] = None, recompute: float = 0.0,
+                 select_layer: int = 1) -> None:
         if positions not in POSITIONS:
             raise InjectError(f"KVInjection: positions must be one of {POSITIONS}, got {positions!r}")
         if max_prefix_tokens is not None and int(max_prefix_tokens) < 1:
             raise InjectError(f"KVInjection: max_prefix_tokens must be >= 1 or null, got {max_prefix_tokens}")
+        if not 0.0 <= float(recompute) <= 1.0:
+            raise InjectError(f"KVInjection: recompute is the fraction of prefix tokens recomputed, in [0, 1]; "
+                              f"got {recompute}")
+        if float(recompute) > 0 and positions != "shift":
+            raise InjectError("KVInjection: recompute > 0 recomputes tokens at their spliced positions: it needs "
+                              "positions=shift")
         self.positions = positions
         self.max_prefix_tokens = None if max_prefix_tokens is None else int(max_prefix_tokens)
+        self.recompute, self.select_layer = float(recompute), int(select_layer)
         self.datastore = None
         self._rotary = None
         self._checked_model = None
+        self._blend_checked = None
 
     @staticmethod
     def check_datastore_config(ds_cfg) -> None:
@@ -147,6 +150,14 @@ class KVInjection(Control):
     # ------------------------------------------------------------------ engine protocol
     def prepare(self, lm, eos_ids) -> None:
         self.check(lm.model)  # fails at start-up when the model cannot take the injection
+        if self.recompute > 0 and self._blend_checked is not lm.model:
+            from rcd.control.blend import BlendError, check_blend
+
+            try:
+                check_blend(lm.model, self.select_layer)
+            except BlendError as e:
+                raise InjectError(str(e)) from None
+            self._blend_checked = lm.model
 
     def kv_prefix(self, run, rows: Sequence[int], cost: dict):
         """The retrieved chunks' KV caches of ``rows`` as the cache prefix (None: no row has one)."""
@@ -185,9 +196,9 @@ class KVInjection(Control):
         dev = next(model.parameters()).device
         ids = torch.arange(3, 9, device=dev).view(1, -1) % max(2, model.get_output_embeddings().out_features)
         with torch.no_grad():
-            c0 = _layer_kv(output_cache(model(input_ids=ids, position_ids=torch.arange(6, device=dev).view(1, -1),
+            c0 = cache_layers(output_cache(model(input_ids=ids, position_ids=torch.arange(6, device=dev).view(1, -1),
                                               use_cache=True)))
-            c5 = _layer_kv(output_cache(model(input_ids=ids, position_ids=torch.arange(5, 11, device=dev).view(1, -1),
+            c5 = cache_layers(output_cache(model(input_ids=ids, position_ids=torch.arange(5, 11, device=dev).view(1, -1),
                                               use_cache=True)))
         # one layer of each attention type (each has its own RoPE base)
         check = [0] if self._types is None else sorted({self._types.index(t) for t in set(self._types)})
@@ -208,13 +219,13 @@ class KVInjection(Control):
         with the layer's own base when the model has one per attention type)."""
         rot = self._rotary
         pos = delta.view(1, -1).to(keys.device)
-        kind = None if getattr(self, "_types", None) is None else self._types[layer]
-        if kind is None:
+        layer_type = None if getattr(self, "_types", None) is None else self._types[layer]
+        if layer_type is None:
             cos, sin = rot(keys.float(), position_ids=pos)  # [1, P, d], scaled by attention_scaling
             scale = float(getattr(rot, "attention_scaling", 1.0) or 1.0)
         else:
-            cos, sin = rot(keys.float(), position_ids=pos, layer_type=kind)
-            scale = float(getattr(rot, f"{kind}_attention_scaling", 1.0) or 1.0)
+            cos, sin = rot(keys.float(), position_ids=pos, layer_type=layer_type)
+            scale = float(getattr(rot, f"{layer_type}_attention_scaling", 1.0) or 1.0)
         cos, sin = cos[0] / scale, sin[0] / scale
         k = keys.float()
         return (k * cos + rotate_half(k) * sin).to(keys.dtype)
@@ -250,6 +261,7 @@ class KVInjection(Control):
         dtype = next(lm.model.parameters()).dtype
         dev = lm.device
         per_row, lens, starts = [], [], []
+        blend_s = 0.0  # selective recompute: model time, not retrieval
         for ids in rows:
             ids = self._cap(list(ids))
             if not ids:
@@ -263,6 +275,10 @@ class KVInjection(Control):
                 delta = torch.cat([torch.full((n,), off, dtype=torch.long)
                                    for n, off in zip(ls, [sum(ls[:j]) for j in range(len(ls))])])
                 kv = [(self.rotate(k, delta, layer), v) for layer, (k, v) in enumerate(kv)]
+                if self.recompute > 0 and len(ids) > 1:  # one chunk at offset 0 already is its full prefill
+                    t1 = time.perf_counter()
+                    kv = self._blend(lm, ids, kv)
+                    blend_s += time.perf_counter() - t1
                 starts.append(sum(ls))
             else:
                 starts.append(max(ls))
@@ -276,24 +292,34 @@ class KVInjection(Control):
         for layer in range(len(ref)):
             h, d = ref[layer][0].shape[1], ref[layer][0].shape[3]
             hv, dv = ref[layer][1].shape[1], ref[layer][1].shape[3]
-            K = torch.zeros(len(rows), h, P, d, dtype=dtype, device=dev)
-            V = torch.zeros(len(rows), hv, P, dv, dtype=dtype, device=dev)
+            k_pad = torch.zeros(len(rows), h, P, d, dtype=dtype, device=dev)
+            v_pad = torch.zeros(len(rows), hv, P, dv, dtype=dtype, device=dev)
             for r, kv in enumerate(per_row):
                 if kv is not None:
-                    K[r, :, P - lens[r]:] = kv[layer][0][0].to(dev)
-                    V[r, :, P - lens[r]:] = kv[layer][1][0].to(dev)
-            keys.append(K)
-            values.append(V)
+                    k_pad[r, :, P - lens[r]:] = kv[layer][0][0].to(dev)
+                    v_pad[r, :, P - lens[r]:] = kv[layer][1][0].to(dev)
+            keys.append(k_pad)
+            values.append(v_pad)
         mask = torch.zeros(len(rows), P, dtype=torch.long, device=dev)
         for r, n in enumerate(lens):
             if n:
                 mask[r, P - n:] = 1
         if cost is not None:
-            cost["retrieval_s"] += time.perf_counter() - t0
+            cost["retrieval_s"] += time.perf_counter() - t0 - blend_s
+            cost["model_s"] += blend_s
         return PrefixKV(keys=keys, values=values, mask=mask, next_pos=torch.tensor(starts, dtype=torch.long))
 
+    def _blend(self, lm, ids: list[int], kv):
+        """CacheBlend-style selective recompute of the spliced chunks (:mod:`rcd.control.blend`)."""
+        from rcd.control.blend import blend, token_ids
+
+        kv = [(k.to(lm.device), v.to(lm.device)) for k, v in kv]
+        return blend(lm.model, token_ids(self.kv_source(), ids).to(lm.device), kv, self.recompute,
+                     self.select_layer)[0]
+
     def __repr__(self) -> str:
-        return f"KVInjection(positions={self.positions!r}, max_prefix_tokens={self.max_prefix_tokens})"
+        return (f"KVInjection(positions={self.positions!r}, max_prefix_tokens={self.max_prefix_tokens}, "
+                f"recompute={self.recompute})")
 
 
 class KNNAttention(Control):
@@ -320,7 +346,7 @@ class KNNAttention(Control):
         self.active: Optional[torch.Tensor] = None  # None: every position; [R] rows; [R, T] positions
         self._handle = None
         self._module = None
-        self._kind = None
+        self._side = None
         self._on_retrieval: Optional[Callable] = None
         self.last_ids: Optional[torch.Tensor] = None
 
@@ -356,7 +382,7 @@ class KNNAttention(Control):
         return layer if layer in ("final", "lm_head") else int(layer)
 
     def check(self, model) -> None:
-        self._module, self._kind = resolve_layer(model, self.memory_layer())
+        self._module, self._side = resolve_layer(model, self.memory_layer())
 
     # ------------------------------------------------------------------ engine protocol
     def prepare(self, lm, eos_ids) -> None:
@@ -389,11 +415,11 @@ class KNNAttention(Control):
         if self.datastore is None:
             raise InjectError("KNNAttention is unbound: bind(datastore=<latent datastore>)")
         self.detach()
-        self._module, self._kind = resolve_layer(model, self.memory_layer())
+        self._module, self._side = resolve_layer(model, self.memory_layer())
         if on_retrieval is None and run is not None:
             on_retrieval = lambda mask, ids, scores, sec: self._report(run, mask, ids, scores, sec)  # noqa: E731
         self._on_retrieval = on_retrieval
-        if self._kind == "pre":
+        if self._side == "pre":
             self._handle = self._module.register_forward_pre_hook(self._pre)
         else:
             self._handle = self._module.register_forward_hook(self._post)
@@ -407,8 +433,8 @@ class KNNAttention(Control):
             return
         T = mask.shape[1]
         for n, (r, t) in enumerate(mask.nonzero().tolist()):
-            if t == T - 1 and r % run.V == 0:
-                run.record(r // run.V, memory_ids=ids[n, :8].tolist(),
+            if t == T - 1 and r % run.n_views == 0:
+                run.record(r // run.n_views, memory_ids=ids[n, :8].tolist(),
                            scores=[float(x) if math.isfinite(x) else None for x in scores[n, :8].tolist()])
 
     def detach(self) -> None:

@@ -5,6 +5,7 @@ No precomputed latent store: a chunk datastore's passage text is run through the
 in-memory cache (least recently used first out, at most ``cache_chunks`` chunks) and injected as
 the cache prefix exactly as :class:`rcd.control.inject.KVInjection` injects stored chunk KV
 (re-rotated to their offsets with ``positions=shift``). Keyed by (datastore folder, chunk id, model).
+``recompute`` > 0 repairs the spliced chunks by selective recompute (:mod:`rcd.control.blend`).
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from rcd.compat import output_cache
-from rcd.control.inject import InjectError, KVInjection, _layer_kv
+from rcd.compat import cache_layers, output_cache
+from rcd.control.inject import InjectError, KVInjection
 
 
 class ChunkKV:
@@ -23,14 +24,15 @@ class ChunkKV:
     def __init__(self, lm, chunks, max_tokens: int = 256, cache_chunks: int = 1024) -> None:
         self.lm, self.chunks = lm, chunks
         self.max_tokens, self.cache_chunks = int(max_tokens), int(cache_chunks)
-        self.cache: OrderedDict[int, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.cache: OrderedDict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
         self.computed = 0  # chunks run through the model (cache misses)
 
     def _text(self, i: int) -> str:
         return self.chunks.text(int(i))
 
     @torch.inference_mode()
-    def entry(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _entry(self, i: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(token ids [L], per-layer KV) of chunk ``i``."""
         i = int(i)
         if i in self.cache:
             self.cache.move_to_end(i)
@@ -39,12 +41,19 @@ class ChunkKV:
         x = torch.tensor([ids], device=self.lm.device)
         out = self.lm.model(input_ids=x, position_ids=torch.arange(len(ids), device=x.device).view(1, -1),
                             use_cache=True)
-        kv = [(k.detach(), v.detach()) for k, v in _layer_kv(output_cache(out))]
+        kv = [(k.detach(), v.detach()) for k, v in cache_layers(output_cache(out))]
         self.computed += 1
-        self.cache[i] = kv
+        self.cache[i] = (x[0], kv)
         while len(self.cache) > self.cache_chunks:
             self.cache.popitem(last=False)
-        return kv
+        return self.cache[i]
+
+    def entry(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self._entry(i)[1]
+
+    def tokens(self, i: int) -> torch.Tensor:
+        """The LM token ids [L] chunk ``i``'s KV was computed from."""
+        return self._entry(i)[0]
 
     def length(self, i: int) -> int:
         return int(self.entry(i)[0][0].shape[2])
@@ -63,8 +72,9 @@ class LazyKVInjection(KVInjection):
     accepts_units: tuple[str, ...] = ("chunks",)
 
     def __init__(self, positions: str = "shift", max_prefix_tokens: Optional[int] = None, max_chunk_tokens: int = 256,
-                 cache_chunks: int = 1024) -> None:
-        super().__init__(positions=positions, max_prefix_tokens=max_prefix_tokens)
+                 cache_chunks: int = 1024, recompute: float = 0.0, select_layer: int = 1) -> None:
+        super().__init__(positions=positions, max_prefix_tokens=max_prefix_tokens, recompute=recompute,
+                         select_layer=select_layer)
         if int(max_chunk_tokens) < 1 or int(cache_chunks) < 1:
             raise InjectError(f"LazyKVInjection: max_chunk_tokens={max_chunk_tokens} and cache_chunks={cache_chunks} "
                               "must be >= 1")
@@ -95,4 +105,4 @@ class LazyKVInjection(KVInjection):
 
     def __repr__(self) -> str:
         return (f"LazyKVInjection(positions={self.positions!r}, max_prefix_tokens={self.max_prefix_tokens}, "
-                f"cache_chunks={self.cache_chunks})")
+                f"cache_chunks={self.cache_chunks}, recompute={self.recompute})")

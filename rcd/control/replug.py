@@ -122,22 +122,22 @@ class ReplugEnsemble(LogitsControl):
 
     def prompt_passages(self, run, row: int) -> list[list]:
         ps = run.passages[row]
-        return [[ps[v]] if v < len(ps) else [] for v in range(run.V)]
+        return [[ps[v]] if v < len(ps) else [] for v in range(run.n_views)]
 
     @staticmethod
     def view_scores(run) -> torch.Tensor:
         """[B, V] retrieval score of the passage each view reads (-inf for views without one)."""
-        s = torch.zeros(run.B, run.V)
+        s = torch.zeros(run.B, run.n_views)
         for b in range(run.B):
             ps = run.passages[b]
             if ps:
                 s[b] = float("-inf")
-                for v in range(min(run.V, len(ps))):
+                for v in range(min(run.n_views, len(ps))):
                     s[b, v] = ps[v].score
         return s
 
     def logprobs(self, run, logits: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
-        doc = logits.view(run.B, run.V, -1)
+        doc = logits.view(run.B, run.n_views, -1)
         return self.apply(doc[:, 0], doc_logprobs=doc, doc_scores=self.view_scores(run).to(doc.device))
 
     def score_window(self, scorer, win):

@@ -15,7 +15,7 @@ Per step t::
 The control reads and writes the run through a small surface: ``passages[b]`` and
 ``has_evidence[b]`` (its evidence), ``retrieve(rows)``, ``record(row, **fields)`` (provenance),
 ``generated_ids()``, ``roll_back(row, start)``, ``engine`` (encode, decode, search, template),
-``B``, ``V`` (views per row), ``step_no``, ``gen``, ``reqs``, ``cost``, ``in_generate`` (True inside
+``B``, ``n_views`` (views per row), ``step_no``, ``gen``, ``reqs``, ``cost``, ``in_generate`` (True inside
 ``model.generate``, which cannot take tokens back).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Decoding:
         self.reqs = reqs
         self.B = len(reqs)
         self.max_new = max_new
-        self.V = self.control.views(engine.k) if self.control is not None else 1
+        self.n_views = self.control.views(engine.k) if self.control is not None else 1
         self.gen: list[list[int]] = [[] for _ in reqs]
         self.done = [False] * self.B
         self.passages: list[list] = [[] for _ in reqs]
@@ -118,9 +118,9 @@ class Decoding:
         for b in (range(self.B) if rows is None else rows):
             req = self.reqs[b]
             views = c.prompt_passages(self, b) if c is not None else [()]
-            if len(views) != self.V:
+            if len(views) != self.n_views:
                 raise RuntimeError(f"{type(c).__name__}.prompt_passages gave {len(views)} views for row {b}; "
-                                   f"views(k) said {self.V}")
+                                   f"views(k) said {self.n_views}")
             for ps in views:
                 out.append(e.prompt_ids(req.prompt, ps, self.template) + self.gen[b])
         return out
@@ -147,13 +147,13 @@ class Decoding:
             return
         if self.pending is not None:
             self._before_forward()
-            tokens = self.pending.repeat_interleave(self.V)
+            tokens = self.pending.repeat_interleave(self.n_views)
             self.state = self.engine.step(self.state, tokens, self.cost)
             self.pending = None
         if self.dirty:
             rows = sorted(self.dirty)
             self.dirty.clear()
-            views = [b * self.V + v for b in rows for v in range(self.V)]
+            views = [b * self.n_views + v for b in rows for v in range(self.n_views)]
             merged = splice(self.state, self.prefill_rows(rows), views)
             if merged is None:  # a cache layout that cannot be spliced: re-prefill everything
                 self.rebuild()
@@ -185,15 +185,15 @@ class Decoding:
         fire = torch.zeros(self.B, dtype=torch.bool)
         if sched is not None:
             if sched.needs_probs:
-                self.firing_views = torch.zeros(self.B * self.V, dtype=torch.bool)
+                self.firing_views = torch.zeros(self.B * self.n_views, dtype=torch.bool)
                 self.ensure_logits()
-                lp0 = torch.log_softmax(self.state.logits.view(self.B, self.V, -1)[:, 0], -1)
+                lp0 = torch.log_softmax(self.state.logits.view(self.B, self.n_views, -1)[:, 0], -1)
                 fire = sched.should_fire(self.step_no, lp0.exp().cpu(), self.last_tokens()).cpu()
             else:
                 fire = sched.should_fire(self.step_no, None, self.last_tokens()).cpu()
             fire = fire & active & ~torch.tensor(self.skip_fire, dtype=torch.bool)
         self.skip_fire = [False] * self.B
-        self.firing_views = fire.repeat_interleave(self.V)
+        self.firing_views = fire.repeat_interleave(self.n_views)
         if bool(fire.any()) and c is not None:
             self.act(fire)
             if c.rebuilds_prompt:
@@ -205,7 +205,7 @@ class Decoding:
         return fire
 
     def logprobs(self, fire: torch.Tensor) -> torch.Tensor:
-        logits = self.state.logits  # [B*V, vocab]
+        logits = self.state.logits  # [B*n_views, vocab]
         if self.control is None:
             return torch.log_softmax(logits, -1)
         return self.control.logprobs(self, logits, fire)

@@ -125,7 +125,7 @@ class Scorer:
         self.extra: dict = {}
         self.nll_none = torch.zeros(self.n - 1, dtype=torch.float64)
         # the evidence surface a control shares with generation (one row, one view)
-        self.B, self.V = 1, 1
+        self.B, self.n_views = 1, 1
         self.passages: list[list] = [[]]
         self.has_evidence = torch.zeros(1, dtype=torch.bool)
         self.step_no = 0
