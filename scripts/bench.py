@@ -73,6 +73,7 @@ TARGETS = {
     "per_token_ppl": ("abs<=", 0.02),   # |perplexity / exact-search perplexity - 1|
     "context_wall": ("<=", 1.5),        # wall time of every_n / per_sentence / none, 128 new tokens
     "latent_ttft": (">=", 3.0),         # TTFT with the chunks as text / TTFT with their KV injected
+    "recompute_ttft": (">=", 2.0),      # issue #11: TTFT as text / TTFT with KV + selective recompute (r=0.15)
     "build": (">=", 0.9),               # datastore build tok/s / plain forward tok/s
 }
 #: presets held to the context_wall target
@@ -461,8 +462,11 @@ def where_context(row: dict) -> str:
 
 # ====================================================================== latent_kv: TTFT of injected KV vs text
 def latent_ttft(lm, *, chunks: int = 5, latent_chunks: int = 2000, question: str = QUESTION, repeats: int = 5,
-                check_tokens: int = 8, chunk_retriever: Optional[str] = "auto", common: Sequence[str] = ()) -> dict:
-    """TTFT with ``chunks`` retrieved chunks (a) injected as KV vs (b) as text in the prompt.
+                check_tokens: int = 8, chunk_retriever: Optional[str] = "auto", common: Sequence[str] = (),
+                recompute: Sequence[float] = ()) -> dict:
+    """TTFT with ``chunks`` retrieved chunks (a) injected as KV vs (b) as text in the prompt, and (c) for
+    each r of ``recompute``, injected with selective recompute of a share r of their tokens
+    (``strategy.control.recompute=r``): TTFT and first-token KL to (b) and to one pass over the same ids.
 
     (a) ``+strategy=latent_kv`` with ``strategy.retrieval.k=chunks``; (b) the same preset with
     ``strategy/control=context`` (ContextControl reads the same latent datastore's chunk texts), so
@@ -477,12 +481,13 @@ def latent_ttft(lm, *, chunks: int = 5, latent_chunks: int = 2000, question: str
     tx_o = kv_o[:1] + ["strategy/control=context"] + kv_o[1:]
     cfg_kv, cfg_tx, cfg_none = compose(kv_o), compose(tx_o), compose(["+strategy=none", *common])
     engines = {}
-    for key, cfg in (("kv", cfg_kv), ("text", cfg_tx), ("none", cfg_none)):
+    blends = {f"kv_r{r:g}": compose(kv_o + [f"strategy.control.recompute={r:g}"]) for r in recompute}
+    for key, cfg in (("kv", cfg_kv), ("text", cfg_tx), ("none", cfg_none), *blends.items()):
         engines[key] = engine_for(build_strategy(cfg, lm), cfg, lm)
     req = [Request(prompt=question)]
     # sanity: same chunks, first greedy tokens, first-token distributions
     traces, runs = {}, {}
-    for key in ("kv", "text", "none"):
+    for key in ("kv", "text", "none", *blends):
         e = engines[key]
         e.trace = []
         runs[key] = measure_engine(e, req, check_tokens, 1, warmup=0)
@@ -505,7 +510,7 @@ def latent_ttft(lm, *, chunks: int = 5, latent_chunks: int = 2000, question: str
     # timing: interleaved, least TTFT of each
     best: dict[str, dict] = {}
     for _ in range(max(1, repeats)):
-        for key in ("none", "kv", "text"):
+        for key in ("none", "kv", "text", *blends):
             m = measure_engine(engines[key], req, 1, 1, warmup=0)
             if key not in best or m["ttft"] < best[key]["ttft"]:
                 best[key] = m
@@ -533,6 +538,12 @@ def latent_ttft(lm, *, chunks: int = 5, latent_chunks: int = 2000, question: str
                    "first_token_same_ids": int(ref.argmax()) == int(traces["kv"].argmax()),
                    "text_kv": lm.tokenizer.decode(a), "text_text": lm.tokenizer.decode(b),
                    "text_none": lm.tokenizer.decode(runs["none"]["token_ids"][0])},
+        "recompute": [{"r": float(key[len("kv_r"):]), "ttft": best[key]["ttft"],
+                       "ratio": ratio(tx["ttft"], best[key]["ttft"]),
+                       "kl_first_token": kl(traces["text"], traces[key]), "kl_vs_same_ids": kl(ref, traces[key]),
+                       "agree_tokens_text": next((i for i, (x, y) in enumerate(zip(runs[key]["token_ids"][0], b))
+                                                  if x != y), min(len(runs[key]["token_ids"][0]), len(b)))}
+                      for key in blends],
     }
     return res
 
@@ -601,6 +612,12 @@ def targets(out: dict) -> list[dict]:
                    f"{s['agree_tokens']}/{s['check_tokens']} first tokens as with text")
         add("latent_kv TTFT: text in prompt / KV injected", setting, lt["ratio"], "{:.2f}x", "latent_ttft",
             where_latent(lt))
+        for rc in lt.get("recompute", []):
+            add(f"latent_kv + recompute r={rc['r']:g} TTFT: text / KV", setting, rc["ratio"], "{:.2f}x",
+                "recompute_ttft" if rc["r"] == 0.15 else None,
+                f"TTFT {rc['ttft'] * 1000:.1f} ms; first-token KL(same ids in one pass || this) "
+                f"{rc['kl_vs_same_ids']:.3f} (plain injection {s['kl_kv_vs_same_ids']:.3f}); "
+                f"{rc['agree_tokens_text']}/{s['check_tokens']} first tokens as with text")
     b = out.get("build")
     if b:
         add("datastore build tok/s / plain forward", f"{b['tokens']:,} tokens", b["ratio"], "{:.2f}x", "build",
@@ -652,6 +669,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--latent-chunks", type=int, default=2000, help="chunks of the latent datastore (kv=true)")
     ap.add_argument("--latent-k", type=int, default=5, help="chunks retrieved for the latent_kv TTFT comparison")
     ap.add_argument("--ttft-repeats", type=int, default=5)
+    ap.add_argument("--recompute", type=float, nargs="*", default=[0.05, 0.15, 0.3, 1.0],
+                    help="latent_kv TTFT: also with selective recompute of these shares of the injected tokens")
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides (key=value) for every composed config, none included")
     ap.add_argument("--preset-override", nargs="*", default=[],
                     help="extra Hydra overrides for the presets only (e.g. strategy.schedule.n=32, "
@@ -740,7 +759,7 @@ def main(argv=None) -> dict:
         profiles.update(res["profile"])
     if "latent_kv" in presets:
         lt = latent_ttft(lm, chunks=args.latent_k, latent_chunks=args.latent_chunks, repeats=args.ttft_repeats,
-                         chunk_retriever=args.chunk_retriever, common=args.override)
+                         chunk_retriever=args.chunk_retriever, common=args.override, recompute=args.recompute)
         out["latent_ttft"] = lt
         s = lt["sanity"]
         print(f"[bench] latent_kv TTFT, {lt['chunks']} chunks: KV {lt['ttft_kv'] * 1000:.1f} ms vs text "
