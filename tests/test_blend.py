@@ -148,3 +148,15 @@ def test_recompute_knob_from_the_cli_changes_the_run(tmp_path):
     plain = execute(compose(common + ["strategy.control.recompute=0"]))
     full = execute(compose(common + ["strategy.control.recompute=1"]))
     assert plain["metrics"]["perplexity"]["perplexity"] != full["metrics"]["perplexity"]["perplexity"]
+
+
+def test_batched_recompute_equals_each_row_alone(tiny_lm):
+    """Rows of different prefix lengths blend in one selection and one recompute forward, as if alone."""
+    ctl = control(tiny_lm.model, recompute=0.3)
+    both = ctl.prefix(tiny_lm, [[0, 1, 2], [2, 1], [0]])
+    for r, ids in enumerate([[0, 1, 2], [2, 1], [0]]):
+        alone = ctl.prefix(tiny_lm, [ids])
+        n = int(alone.mask.sum())
+        for a, b in zip(both.keys + both.values, alone.keys + alone.values):
+            assert torch.allclose(a[r, :, -n:], b[0, :, -n:], atol=1e-5)
+        assert int(both.mask[r].sum()) == n and int(both.next_pos[r]) == int(alone.next_pos[0])

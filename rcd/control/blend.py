@@ -50,9 +50,10 @@ def _runner(model):
 
 
 @torch.inference_mode()
-def layer_kv(model, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of block ``layer`` for ``tokens`` [L] at positions 0..L-1 (full causal
-    context), from a forward stopped right after that block."""
+def layer_kv_batch(model, tokens: torch.Tensor, mask: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [R, h, P, d] of block ``layer`` for left-padded ``tokens`` [R, P] (``mask`` [R, P]:
+    1 = real token; row r's tokens at positions 0..L_r-1, full causal context), from one batched forward
+    stopped right after that block."""
     from transformers import DynamicCache
 
     block = find_decoder_layers(model)[layer]
@@ -63,77 +64,139 @@ def layer_kv(model, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, tor
     cache = DynamicCache(config=model.config)
     handle = block.register_forward_hook(stop)
     try:
-        x = tokens.view(1, -1)
         run = _runner(model)
-        run(input_ids=x, position_ids=torch.arange(x.shape[1], device=x.device).view(1, -1), use_cache=True,
+        run(input_ids=tokens, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0), use_cache=True,
             **cache_kwargs(run, cache))
     except _Stop:
         pass
     finally:
         handle.remove()
-    k, v = cache_layers(cache)[layer]
-    return k, v
+    return cache_layers(cache)[layer]
+
+
+def layer_kv(model, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`layer_kv_batch` of one sequence ``tokens`` [L]."""
+    x = tokens.view(1, -1)
+    return layer_kv_batch(model, x, torch.ones_like(x), layer)
+
+
+def deviation_batch(model, tokens: torch.Tensor, keys, values, mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """d [R, P] of the spliced, left-padded cache against a full prefill at block ``layer`` (module doc);
+    padding slots get -inf."""
+    k_full, v_full = layer_kv_batch(model, tokens, mask, layer)
+    d = ((k_full.float() - keys[layer].float()) ** 2).sum((1, 3)) \
+        + ((v_full.float() - values[layer].float()) ** 2).sum((1, 3))
+    return d.masked_fill(mask == 0, float("-inf"))
 
 
 def kv_deviation(model, tokens: torch.Tensor, kv: KV, layer: int) -> torch.Tensor:
-    """d_t [L] of the spliced cache ``kv`` against a full prefill, at block ``layer`` (module doc)."""
-    k_full, v_full = layer_kv(model, tokens, layer)
-    k, v = kv[layer]
-    return ((k_full.float() - k.float()) ** 2).sum((0, 1, 3)) + ((v_full.float() - v.float()) ** 2).sum((0, 1, 3))
+    """d_t [L] of one row's spliced cache ``kv`` against a full prefill, at block ``layer``."""
+    x = tokens.view(1, -1)
+    return deviation_batch(model, x, [k for k, _ in kv], [v for _, v in kv], torch.ones_like(x), layer)[0]
 
 
 def select(deviation: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Positions (sorted) of the ⌈fraction·L⌉ largest deviations; ties by position."""
-    n = min(len(deviation), math.ceil(float(fraction) * len(deviation) - 1e-9))
+    """Slots (sorted) of the ⌈fraction·L⌉ largest finite deviations (L: the finite ones); ties by slot."""
+    valid = [t for t in range(len(deviation)) if math.isfinite(float(deviation[t]))]
+    n = min(len(valid), math.ceil(float(fraction) * len(valid) - 1e-9))
     if n <= 0:
         return torch.zeros(0, dtype=torch.long)
-    order = sorted(range(len(deviation)), key=lambda t: (-float(deviation[t]), t))
+    order = sorted(valid, key=lambda t: (-float(deviation[t]), t))
     return torch.tensor(sorted(order[:n]), dtype=torch.long)
 
 
 @torch.inference_mode()
-def recompute(model, tokens: torch.Tensor, kv: KV, positions: torch.Tensor) -> KV:
-    """``kv`` with the slots ``positions`` (sorted) replaced by their KV recomputed over the rest of
-    the cache (module doc, step 2)."""
+def recompute_batch(model, tokens: torch.Tensor, keys: list, values: list, mask: torch.Tensor,
+                    slots: Sequence[torch.Tensor]) -> tuple[list, list]:
+    """Left-padded spliced cache (per layer [R, h, P, d]) with the slots ``slots[r]`` (sorted) of each row
+    replaced by their KV recomputed over the rest of the row's cache, all rows in one forward (module
+    doc, step 2). A padding query of a row with fewer slots attends to itself only; its output is dropped."""
     from transformers import DynamicCache
 
-    if len(positions) == 0:
-        return kv
-    dev = kv[0][0].device
-    L, S = kv[0][0].shape[2], len(positions)
-    pos = positions.to(dev)
-    stale = torch.zeros(L, dtype=torch.bool, device=dev)
-    stale[pos] = True
-    allowed_cache = (torch.arange(L, device=dev).view(1, -1) < pos.view(-1, 1)) & ~stale.view(1, -1)  # [S, L]
-    allowed_new = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-    allowed = torch.cat([allowed_cache, allowed_new], 1)
-    dtype = kv[0][0].dtype
-    mask = torch.zeros(1, 1, S, L + S, dtype=dtype, device=dev).masked_fill(~allowed.view(1, 1, S, L + S),
+    R, P = tokens.shape
+    S = max((len(x) for x in slots), default=0)
+    if S == 0:
+        return keys, values
+    dev = tokens.device
+    q_slot = torch.full((R, S), -1, dtype=torch.long, device=dev)
+    for r, x in enumerate(slots):
+        q_slot[r, :len(x)] = x.to(dev)
+    valid_q = q_slot >= 0
+    start = P - mask.sum(1)  # where each row's tokens begin (left padding)
+    ids = tokens.gather(1, q_slot.clamp_min(0))
+    pos = torch.where(valid_q, q_slot - start.view(-1, 1), torch.zeros_like(q_slot))
+    stale = torch.zeros(R, P, dtype=torch.bool, device=dev)
+    stale.scatter_(1, q_slot.clamp_min(0), valid_q)
+    j = torch.arange(P, device=dev).view(1, 1, P)
+    allowed_cache = (mask.bool() & ~stale).view(R, 1, P) & (j < q_slot.view(R, S, 1)) & valid_q.view(R, S, 1)
+    tril = torch.ones(S, S, dtype=torch.bool, device=dev).tril().view(1, S, S)
+    allowed_new = (tril & valid_q.view(R, 1, S) & valid_q.view(R, S, 1)) | torch.eye(S, dtype=torch.bool, device=dev)
+    allowed = torch.cat([allowed_cache, allowed_new], 2)
+    dtype = keys[0].dtype
+    add = torch.zeros(R, 1, S, P + S, dtype=dtype, device=dev).masked_fill(~allowed.view(R, 1, S, P + S),
                                                                            torch.finfo(dtype).min)
-    cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in kv], config=model.config)
+    cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in zip(keys, values)], config=model.config)
     run = _runner(model)
-    run(input_ids=tokens.to(dev)[pos].view(1, -1), position_ids=pos.view(1, -1), attention_mask=mask,
-        use_cache=True, **cache_kwargs(run, cache))
-    out = []
-    for (k, v), (k_new, v_new) in zip(kv, cache_layers(cache)):
+    run(input_ids=ids, position_ids=pos, attention_mask=add, use_cache=True, **cache_kwargs(run, cache))
+    rows, cols = valid_q.nonzero(as_tuple=True)
+    where = q_slot[rows, cols]
+    out_k, out_v = [], []
+    for k, v, (k_new, v_new) in zip(keys, values, cache_layers(cache)):
         k2, v2 = k.clone(), v.clone()
-        k2[:, :, pos] = k_new[:, :, L:L + S].to(k.dtype)
-        v2[:, :, pos] = v_new[:, :, L:L + S].to(v.dtype)
-        out.append((k2, v2))
-    return out
+        k2[rows, :, where] = k_new[rows, :, P + cols].to(k.dtype)
+        v2[rows, :, where] = v_new[rows, :, P + cols].to(v.dtype)
+        out_k.append(k2)
+        out_v.append(v2)
+    return out_k, out_v
+
+
+def recompute(model, tokens: torch.Tensor, kv: KV, positions: torch.Tensor) -> KV:
+    """One row: ``kv`` with the slots ``positions`` (sorted) recomputed over the rest of the cache."""
+    x = tokens.view(1, -1).to(kv[0][0].device)
+    ks, vs = recompute_batch(model, x, [k for k, _ in kv], [v for _, v in kv], torch.ones_like(x), [positions])
+    return list(zip(ks, vs))
+
+
+def blend_batch(model, row_tokens: Sequence, keys: list, values: list, mask: torch.Tensor, fraction: float,
+                select_layer: int = 1) -> tuple[list, list, int]:
+    """The left-padded spliced prefix (per layer [R, h, P, d], ``mask`` [R, P]) with the ⌈fraction·L_r⌉
+    most deviating tokens of every row r whose ``row_tokens[r]`` [L_r] is given recomputed (one selection
+    forward and one recompute forward for the batch; fraction 1: every token, no selection pass).
+    Returns (keys, values, tokens recomputed)."""
+    rows = [r for r, t in enumerate(row_tokens) if t is not None]
+    if fraction <= 0 or not rows:
+        return keys, values, 0
+    dev = mask.device
+    P = mask.shape[1]
+    idx = torch.tensor(rows, device=dev)
+    sub_mask = mask[idx]
+    tokens = torch.zeros(len(rows), P, dtype=torch.long, device=dev)
+    for i, r in enumerate(rows):
+        t = torch.as_tensor(row_tokens[r]).view(-1).to(dev)
+        if int(sub_mask[i].sum()) != len(t):
+            raise BlendError(f"row {r}: {len(t)} token ids for {int(sub_mask[i].sum())} prefix slots")
+        tokens[i, P - len(t):] = t
+    sub_k, sub_v = [k[idx] for k in keys], [v[idx] for v in values]
+    if fraction >= 1:
+        slots = [m.nonzero().view(-1) for m in sub_mask]
+    else:
+        d = deviation_batch(model, tokens, sub_k, sub_v, sub_mask, select_layer).cpu()
+        slots = [select(row, fraction) for row in d]
+    sub_k, sub_v = recompute_batch(model, tokens, sub_k, sub_v, sub_mask, slots)
+    keys, values = [k.clone() for k in keys], [v.clone() for v in values]
+    for k, sk in zip(keys, sub_k):
+        k[idx] = sk
+    for v, sv in zip(values, sub_v):
+        v[idx] = sv
+    return keys, values, int(sum(len(x) for x in slots))
 
 
 def blend(model, tokens: torch.Tensor, kv: KV, fraction: float, select_layer: int = 1) -> tuple[KV, int]:
-    """Spliced chunk KV ``kv`` of ``tokens`` [L] with the ⌈fraction·L⌉ most deviating tokens recomputed;
-    returns (kv, tokens recomputed). fraction 0: unchanged; 1: every token (no selection pass)."""
-    if fraction <= 0:
-        return kv, 0
-    L = int(tokens.numel())
-    if fraction >= 1:
-        positions = torch.arange(L, dtype=torch.long)
-    else:
-        positions = select(kv_deviation(model, tokens.to(kv[0][0].device), kv, select_layer).cpu(), fraction)
-    return recompute(model, tokens, kv, positions), int(len(positions))
+    """One row: spliced chunk KV ``kv`` of ``tokens`` [L] with the ⌈fraction·L⌉ most deviating tokens recomputed."""
+    x = tokens.view(1, -1).to(kv[0][0].device)
+    ks, vs, n = blend_batch(model, [x[0]], [k for k, _ in kv], [v for _, v in kv], torch.ones_like(x), fraction,
+                            select_layer)
+    return list(zip(ks, vs)), n
 
 
 def check_blend(model, select_layer: int) -> None:

@@ -261,7 +261,6 @@ class KVInjection(Control):
         dtype = next(lm.model.parameters()).dtype
         dev = lm.device
         per_row, lens, starts = [], [], []
-        blend_s = 0.0  # selective recompute: model time, not retrieval
         for ids in rows:
             ids = self._cap(list(ids))
             if not ids:
@@ -275,10 +274,6 @@ class KVInjection(Control):
                 delta = torch.cat([torch.full((n,), off, dtype=torch.long)
                                    for n, off in zip(ls, [sum(ls[:j]) for j in range(len(ls))])])
                 kv = [(self.rotate(k, delta, layer), v) for layer, (k, v) in enumerate(kv)]
-                if self.recompute > 0 and len(ids) > 1:  # one chunk at offset 0 already is its full prefill
-                    t1 = time.perf_counter()
-                    kv = self._blend(lm, ids, kv)
-                    blend_s += time.perf_counter() - t1
                 starts.append(sum(ls))
             else:
                 starts.append(max(ls))
@@ -304,18 +299,24 @@ class KVInjection(Control):
         for r, n in enumerate(lens):
             if n:
                 mask[r, P - n:] = 1
+        blend_s = 0.0  # selective recompute: model time, not retrieval
+        if self.recompute > 0:
+            t1 = time.perf_counter()
+            keys, values = self._blend(lm, [self._cap(list(ids)) for ids in rows], keys, values, mask)
+            blend_s = time.perf_counter() - t1
         if cost is not None:
             cost["retrieval_s"] += time.perf_counter() - t0 - blend_s
             cost["model_s"] += blend_s
         return PrefixKV(keys=keys, values=values, mask=mask, next_pos=torch.tensor(starts, dtype=torch.long))
 
-    def _blend(self, lm, ids: list[int], kv):
-        """CacheBlend-style selective recompute of the spliced chunks (:mod:`rcd.control.blend`)."""
-        from rcd.control.blend import blend, token_ids
+    def _blend(self, lm, rows: list[list[int]], keys, values, mask):
+        """CacheBlend-style selective recompute of every row's spliced chunks, batched
+        (:mod:`rcd.control.blend`); a row with one chunk (at offset 0: already its full prefill) is left."""
+        from rcd.control.blend import blend_batch, token_ids
 
-        kv = [(k.to(lm.device), v.to(lm.device)) for k, v in kv]
-        return blend(lm.model, token_ids(self.kv_source(), ids).to(lm.device), kv, self.recompute,
-                     self.select_layer)[0]
+        row_tokens = [token_ids(self.kv_source(), ids) if len(ids) > 1 else None for ids in rows]
+        keys, values, _ = blend_batch(lm.model, row_tokens, keys, values, mask, self.recompute, self.select_layer)
+        return keys, values
 
     def __repr__(self) -> str:
         return (f"KVInjection(positions={self.positions!r}, max_prefix_tokens={self.max_prefix_tokens}, "
