@@ -102,16 +102,21 @@ class Row:
     run: Optional[Run]
 
 
+def _with_runs(rows: Sequence[Row], cols: Sequence[str], out: list):
+    """(row, its results) for rows that have a run; a row without one gets a line of "–" in ``out``."""
+    for r in rows:
+        if r.run is None:
+            out.append([r.label] + [MISSING] * (len(cols) - 1))
+        else:
+            yield r, r.run.results
+
+
 def lm_table(title: str, rows: Sequence[Row], label: str = "") -> Table:
     """Table 1 layout: perplexity [CI], change vs plain [paired CI], bits/byte, retrieval rate, speed, TTFT."""
     cols = ["strategy", "what · how · when", "perplexity [95% CI]", "Δ vs none [95% CI]", "bits/byte",
             "retrieval rate", "decode tok/s", "time to 1st tok (s)", "tok/s ÷ none", "datastore entries"]
-    out = []
-    for r in rows:
-        if r.run is None:
-            out.append([r.label] + [MISSING] * (len(cols) - 1))
-            continue
-        res = r.run.results
+    out: list = []
+    for r, res in _with_runs(rows, cols, out):
         base = is_baseline(res)
         p = dig(res, "metrics.perplexity", {})
         out.append([
@@ -168,12 +173,8 @@ def cost_table(title: str, rows: Sequence[Row], label: str = "") -> Table:
     """Cost per strategy: decode speed, time to first token, datastore size on disk and build/load time."""
     cols = ["strategy", "decode tok/s", "tok/s ÷ none", "time to 1st tok (s)", "datastore entries",
             "datastore MB", "datastore build, once (s)", "datastore load in run (s)", "run total (s)"]
-    out = []
-    for r in rows:
-        if r.run is None:
-            out.append([r.label] + [MISSING] * (len(cols) - 1))
-            continue
-        res = r.run.results
+    out: list = []
+    for r, res in _with_runs(rows, cols, out):
         b = dig(res, "datastore.bytes")
         out.append([
             r.label,
