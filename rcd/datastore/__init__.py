@@ -11,6 +11,7 @@ _EXPORTS = {
     "TagDatastore": "rcd.datastore.tags", "TagHits": "rcd.datastore.tags",
     "LatentDatastore": "rcd.datastore.latent",
     "DatastoreError": "rcd.datastore.storage",
+    "IndexSpec": "rcd.datastore.index", "Unit": "rcd.datastore.unit", "Retriever": "rcd.datastore.retrievers",
 }
 
 __all__ = sorted(_EXPORTS)
