@@ -107,10 +107,11 @@ def select(deviation: torch.Tensor, fraction: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def recompute_batch(model, tokens: torch.Tensor, keys: list, values: list, mask: torch.Tensor,
-                    slots: Sequence[torch.Tensor]) -> tuple[list, list]:
+                    slots: Sequence[torch.Tensor], inplace: bool = False) -> tuple[list, list]:
     """Left-padded spliced cache (per layer [R, h, P, d]) with the slots ``slots[r]`` (sorted) of each row
     replaced by their KV recomputed over the rest of the row's cache, all rows in one forward (module
-    doc, step 2). A padding query of a row with fewer slots attends to itself only; its output is dropped."""
+    doc, step 2). A padding query of a row with fewer slots attends to itself only; its output is dropped.
+    ``inplace``: write into ``keys`` / ``values`` themselves (the caller's own copies)."""
     from transformers import DynamicCache
 
     R, P = tokens.shape
@@ -135,14 +136,15 @@ def recompute_batch(model, tokens: torch.Tensor, keys: list, values: list, mask:
     dtype = keys[0].dtype
     add = torch.zeros(R, 1, S, P + S, dtype=dtype, device=dev).masked_fill(~allowed.view(R, 1, S, P + S),
                                                                            torch.finfo(dtype).min)
-    cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in zip(keys, values)], config=model.config)
+    # the cache appends the new tokens' KV by concatenation: the tensors passed in are not written to
+    cache = DynamicCache(ddp_cache_data=list(zip(keys, values)), config=model.config)
     run = _runner(model)
     run(input_ids=ids, position_ids=pos, attention_mask=add, use_cache=True, **cache_kwargs(run, cache))
     rows, cols = valid_q.nonzero(as_tuple=True)
     where = q_slot[rows, cols]
     out_k, out_v = [], []
     for k, v, (k_new, v_new) in zip(keys, values, cache_layers(cache)):
-        k2, v2 = k.clone(), v.clone()
+        k2, v2 = (k, v) if inplace else (k.clone(), v.clone())
         k2[rows, :, where] = k_new[rows, :, P + cols].to(k.dtype)
         v2[rows, :, where] = v_new[rows, :, P + cols].to(v.dtype)
         out_k.append(k2)
@@ -176,13 +178,16 @@ def blend_batch(model, row_tokens: Sequence, keys: list, values: list, mask: tor
         if int(sub_mask[i].sum()) != len(t):
             raise BlendError(f"row {r}: {len(t)} token ids for {int(sub_mask[i].sum())} prefix slots")
         tokens[i, P - len(t):] = t
-    sub_k, sub_v = [k[idx] for k in keys], [v[idx] for v in values]
+    everyone = len(rows) == mask.shape[0]
+    sub_k, sub_v = [k[idx] for k in keys], [v[idx] for v in values]  # copies (index select): recomputed in place
     if fraction >= 1:
         slots = [m.nonzero().view(-1) for m in sub_mask]
     else:
         d = deviation_batch(model, tokens, sub_k, sub_v, sub_mask, select_layer).cpu()
         slots = [select(row, fraction) for row in d]
-    sub_k, sub_v = recompute_batch(model, tokens, sub_k, sub_v, sub_mask, slots)
+    sub_k, sub_v = recompute_batch(model, tokens, sub_k, sub_v, sub_mask, slots, inplace=True)
+    if everyone:
+        return sub_k, sub_v, int(sum(len(x) for x in slots))
     keys, values = [k.clone() for k in keys], [v.clone() for v in values]
     for k, sk in zip(keys, sub_k):
         k[idx] = sk
