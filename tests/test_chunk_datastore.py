@@ -286,3 +286,30 @@ def test_approximate_index_and_fp16_embeddings(tmp_path):
     assert ds.embeddings.dtype == np.float16 and (ds.folder / "index" / "HNSW8-ip.faiss").exists()
     assert ds.search([TOPICS[3], "a kitten resting by the window"], 1).ids[:, 0].tolist() == [3, 0]
     assert "HNSW" in ds.describe()["index"]
+
+
+def test_a_unit_of_your_own_runs_on_the_template(tmp_path, monkeypatch):
+    """tests/fixtures/outside/title_unit.py: one class on rcd's unit template, found from its target."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from rcd.datastore import registry
+    from rcd.errors import ConfigError
+    from rcd.validate import check_datastore
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fixtures" / "outside"))
+    import title_unit
+
+    ds = corpus(TOPICS, title=[f"Topic {i}" for i in range(len(TOPICS))])
+    store = title_unit.build_or_load(None, ds, "topics", tmp_path, retriever="bm25", progress=False)
+    assert store.text(5) == "Topic 5: " + TOPICS[5] and store.folder.name.startswith("titled-topics-")
+    assert int(store.search(["photosynthesis sunlight"], 1).ids[0, 0]) == 5
+    again = title_unit.build_or_load(None, ds, "topics", tmp_path, retriever="bm25", progress=False)
+    assert again.folder == store.folder  # reused by fingerprint
+    node = {"_target_": "title_unit.build_or_load", "unit": "titled", "retriever": "bm25"}
+    assert registry.unit_of(node) is title_unit.UNIT and not registry.needs_model(node)  # record chunks
+    with pytest.raises(ConfigError, match="title_fild"):
+        check_datastore(OmegaConf.create({**node, "title_fild": "x"}))
+    with pytest.raises(TypeError, match="title_fild"):
+        title_unit.build_or_load(None, ds, "topics", tmp_path, title_fild="x")
