@@ -137,7 +137,7 @@ def _build(cfg: DictConfig, map_fn=None) -> dict[str, Any]:
     with build_lock(root, unit, shard_label(corpus_name, sh)):
         before = _existing(root)
         t1 = time.perf_counter()
-        store = _build_store(cfg, node, params, unit, lm, corpus_ds, corpus_name, root, merge, map_fn)
+        store = _build_store(cfg, node, params, lm, corpus_ds, corpus_name, root, merge, map_fn)
     seconds = time.perf_counter() - t1
     info = store.describe()
     verified = None
@@ -160,7 +160,7 @@ def _build(cfg: DictConfig, map_fn=None) -> dict[str, Any]:
     return summary
 
 
-def _build_store(cfg, node, params: dict, unit: str, lm, corpus_ds, corpus_name: str, root: Path, merge: bool,
+def _build_store(cfg, node, params: dict, lm, corpus_ds, corpus_name: str, root: Path, merge: bool,
                  map_fn=None):
     from rcd.datastore import registry
     from rcd.strategy import call_target

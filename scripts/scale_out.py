@@ -30,6 +30,7 @@ Both write into ``paper/bench/scale_out.json`` (``--out``), each under its own k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -103,7 +104,7 @@ def ray_build(args) -> dict:
 
     spec = IndexSpec(factory=fac, metric="l2", nprobe=8)
     a = registry.open_datastore(Path(runs["unsharded"]["folder"]), lm, index=spec)
-    b = registry.open_datastore(Path(runs["ray"]["folder"]), lm, index=spec.replace(ondisk=True))
+    b = registry.open_datastore(Path(runs["ray"]["folder"]), lm, index=dataclasses.replace(spec, ondisk=True))
     q = torch.from_numpy(np.asarray(a.keys[:: max(1, len(a) // 512)][:512], dtype=np.float32))
     na, nb = a.search(q, 256), b.search(q, 256)
     cmp = {"keys_equal": bool(np.array_equal(np.asarray(a.keys), np.asarray(b.keys))),

@@ -91,12 +91,15 @@ def test_selection_by_kv_deviation_hand_computed(tiny_lm):
     assert blend.select(torch.tensor([0.0, 3.0, 1.0, 3.0]), 0.5).tolist() == [1, 3]  # ties by position
     assert blend.select(torch.tensor([0.0, 3.0, 1.0]), 0.0).tolist() == []
     assert blend.select(torch.tensor([0.0, 3.0, 1.0]), 0.34).tolist() == [1, 2]  # ⌈0.34·3⌉ = 2
+    pad = float("-inf")  # left padding of a shorter row: never selected, not counted in L
+    assert blend.select(torch.tensor([pad, pad, 0.0, 3.0, 1.0, 3.0]), 0.5).tolist() == [3, 5]
     ctl = control(tiny_lm.model)
     tokens = blend.token_ids(ctl.datastore, [0, 1])
     kv = ctl.prefix(tiny_lm, [[0, 1]])
     spliced = [(k, v) for k, v in zip(kv.keys, kv.values)]
-    d = blend.kv_deviation(tiny_lm.model, tokens, spliced, layer=1)
-    k_full, v_full = blend.layer_kv(tiny_lm.model, tokens, 1)
+    x = tokens.view(1, -1)
+    d = blend.deviation_batch(tiny_lm.model, x, kv.keys, kv.values, torch.ones_like(x), layer=1)[0]
+    k_full, v_full = blend.layer_kv_batch(tiny_lm.model, x, torch.ones_like(x), 1)
     want = ((k_full - spliced[1][0]) ** 2).sum((0, 1, 3)) + ((v_full - spliced[1][1]) ** 2).sum((0, 1, 3))
     assert torch.allclose(d, want) and float(d[:len(CHUNKS[0])].max()) < 1e-8 < float(d[len(CHUNKS[0]):].min())
     with torch.no_grad():  # the stopped forward's layer-1 KV is the full forward's

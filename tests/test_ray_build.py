@@ -28,6 +28,8 @@ def _config(tmp_path: Path, root: str, *overrides):
 
 
 def test_ray_sharded_build_with_on_disk_merge_equals_the_unsharded_build(tmp_path):
+    import dataclasses
+
     from rcd import build as build_mod
     from rcd.datastore import registry
     from rcd.datastore.index import IndexSpec
@@ -53,7 +55,7 @@ def test_ray_sharded_build_with_on_disk_merge_equals_the_unsharded_build(tmp_pat
     lm = load_model(str(tmp_path / "model"), "cpu", "float32")
     spec = IndexSpec(factory="IVF8,Flat", metric="l2", nprobe=3)
     a = registry.open_datastore(Path(plain["folder"]), lm, index=spec)
-    b = registry.open_datastore(Path(sharded["folder"]), lm, index=spec.replace(ondisk=True))
+    b = registry.open_datastore(Path(sharded["folder"]), lm, index=dataclasses.replace(spec, ondisk=True))
     assert np.array_equal(np.asarray(a.keys), np.asarray(b.keys)) and np.array_equal(a.values_np, b.values_np)
     import torch
 

@@ -74,12 +74,6 @@ def layer_kv_batch(model, tokens: torch.Tensor, mask: torch.Tensor, layer: int) 
     return cache_layers(cache)[layer]
 
 
-def layer_kv(model, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`layer_kv_batch` of one sequence ``tokens`` [L]."""
-    x = tokens.view(1, -1)
-    return layer_kv_batch(model, x, torch.ones_like(x), layer)
-
-
 def deviation_batch(model, tokens: torch.Tensor, keys, values, mask: torch.Tensor, layer: int) -> torch.Tensor:
     """d [R, P] of the spliced, left-padded cache against a full prefill at block ``layer`` (module doc);
     padding slots get -inf."""
@@ -89,20 +83,14 @@ def deviation_batch(model, tokens: torch.Tensor, keys, values, mask: torch.Tenso
     return d.masked_fill(mask == 0, float("-inf"))
 
 
-def kv_deviation(model, tokens: torch.Tensor, kv: KV, layer: int) -> torch.Tensor:
-    """d_t [L] of one row's spliced cache ``kv`` against a full prefill, at block ``layer``."""
-    x = tokens.view(1, -1)
-    return deviation_batch(model, x, [k for k, _ in kv], [v for _, v in kv], torch.ones_like(x), layer)[0]
-
-
 def select(deviation: torch.Tensor, fraction: float) -> torch.Tensor:
     """Slots (sorted) of the ⌈fraction·L⌉ largest finite deviations (L: the finite ones); ties by slot."""
-    valid = [t for t in range(len(deviation)) if math.isfinite(float(deviation[t]))]
-    n = min(len(valid), math.ceil(float(fraction) * len(valid) - 1e-9))
+    valid = torch.isfinite(deviation)
+    n = min(int(valid.sum()), math.ceil(float(fraction) * int(valid.sum()) - 1e-9))
     if n <= 0:
         return torch.zeros(0, dtype=torch.long)
-    order = sorted(valid, key=lambda t: (-float(deviation[t]), t))
-    return torch.tensor(sorted(order[:n]), dtype=torch.long)
+    order = torch.sort((-deviation.float()).masked_fill(~valid, float("inf")), stable=True).indices
+    return order[:n].sort().values.long()
 
 
 @torch.inference_mode()
@@ -194,14 +182,6 @@ def blend_batch(model, row_tokens: Sequence, keys: list, values: list, mask: tor
     for v, sv in zip(values, sub_v):
         v[idx] = sv
     return keys, values, int(sum(len(x) for x in slots))
-
-
-def blend(model, tokens: torch.Tensor, kv: KV, fraction: float, select_layer: int = 1) -> tuple[KV, int]:
-    """One row: spliced chunk KV ``kv`` of ``tokens`` [L] with the ⌈fraction·L⌉ most deviating tokens recomputed."""
-    x = tokens.view(1, -1).to(kv[0][0].device)
-    ks, vs, n = blend_batch(model, [x[0]], [k for k, _ in kv], [v for _, v in kv], torch.ones_like(x), fraction,
-                            select_layer)
-    return list(zip(ks, vs)), n
 
 
 def check_blend(model, select_layer: int) -> None:

@@ -260,9 +260,10 @@ class KVInjection(Control):
         t0 = time.perf_counter()
         dtype = next(lm.model.parameters()).dtype
         dev = lm.device
-        per_row, lens, starts = [], [], []
+        per_row, lens, starts, capped = [], [], [], []
         for ids in rows:
             ids = self._cap(list(ids))
+            capped.append(ids)
             if not ids:
                 per_row.append(None)
                 lens.append(0)
@@ -302,7 +303,7 @@ class KVInjection(Control):
         blend_s = 0.0  # selective recompute: model time, not retrieval
         if self.recompute > 0:
             t1 = time.perf_counter()
-            keys, values = self._blend(lm, [self._cap(list(ids)) for ids in rows], keys, values, mask)
+            keys, values = self._blend(lm, capped, keys, values, mask)
             blend_s = time.perf_counter() - t1
         if cost is not None:
             cost["retrieval_s"] += time.perf_counter() - t0 - blend_s

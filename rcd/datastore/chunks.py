@@ -305,10 +305,10 @@ class ChunkDatastore:
         return self.searcher.metric
 
     def encode(self, queries: Sequence[str]) -> torch.Tensor:
-        """Query embeddings [N, d] (float32, CPU) in the space of the entries."""
-        if self.encoder is None:
+        """Query embeddings [N, d] (float32, CPU) in the space of the entries (for :meth:`search_vectors`)."""
+        if self.searcher is None or self.encoder is None:
             raise ValueError(f"{self.folder} is searched with retriever={self.retriever!r}: it has no encoder")
-        return self.encoder.encode_tensor(list(queries))
+        return torch.from_numpy(self.searcher.embed(queries))
 
     def _hits(self, ids: np.ndarray, scores: np.ndarray) -> ChunkHits:
         texts = [[self.text(i) if i >= 0 else "" for i in row] for row in ids.tolist()]

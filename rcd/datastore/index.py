@@ -7,16 +7,17 @@ GPU and faiss-gpu, search runs on the GPU; otherwise on the CPU.
 
 How an index is built and searched is one value, :class:`IndexSpec` (factory string, metric,
 nprobe, efSearch, GPU, on-disk lists); a unit's config (``index_factory``, ``metric``, ``nprobe``,
-``ef_search``, ``use_gpu``, ``index_ondisk``) becomes one with :meth:`IndexSpec.from_config`.
+``ef_search``, ``use_gpu``, ``index_ondisk``) becomes one with
+:meth:`rcd.datastore.unit.UnitParams.index_spec`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -44,18 +45,6 @@ class IndexSpec:
     def __post_init__(self):
         if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r}: choose one of {', '.join(METRICS)}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], prefix: str = "", **defaults) -> "IndexSpec":
-        """From a unit's flat config keys (``<prefix>index_factory``, ``<prefix>metric``, ``nprobe``, ...)."""
-        d = cls(**defaults)
-        return cls(factory=str(cfg.get(f"{prefix}index_factory") or d.factory),
-                   metric=str(cfg.get(f"{prefix}metric") or d.metric), nprobe=cfg.get("nprobe", d.nprobe),
-                   ef_search=cfg.get("ef_search", d.ef_search), use_gpu=cfg.get("use_gpu", d.use_gpu),
-                   ondisk=bool(cfg.get("index_ondisk", d.ondisk)))
-
-    def replace(self, **changes) -> "IndexSpec":
-        return replace(self, **changes)
 
 
 def _faiss():

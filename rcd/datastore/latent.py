@@ -39,7 +39,8 @@ import torch
 
 from rcd.compat import cache_layers, output_cache
 from rcd.datastore import base
-from rcd.datastore.chunks import ChunkDatastore, ChunkHits, ChunkParams, merge_chunk_store, resolve_parts, write_chunk_store
+from rcd.datastore.chunks import (ChunkDatastore, ChunkHits, ChunkParams, merge_chunk_store, resolve_parts,
+                                  write_chunk_store)
 from rcd.datastore.index import IndexSpec, load_or_build_index
 from rcd.datastore.shards import shard_label
 from rcd.datastore.storage import DatastoreError, NpyAppender, concat_array, folder_bytes, open_array

@@ -108,7 +108,7 @@ class TokenDatastore:
         index with its lists on disk, filled one block per shard of a merged build (``map_fn`` fills them
         in parallel, e.g. as Ray tasks)."""
         folder = Path(folder)
-        index = index if index is not None else IndexSpec(metric="l2")
+        index = index if index is not None else IndexSpec()
         manifest = base.read_manifest(folder)
         if manifest.get("unit") != "tokens":
             raise DatastoreError(f"{folder} holds a {manifest.get('unit')!r} datastore, not tokens")

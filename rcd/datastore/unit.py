@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -46,7 +47,11 @@ class UnitParams:
 
     def index_spec(self, prefix: str = "") -> IndexSpec:
         """The FAISS index these params describe (``<prefix>index_factory``, ``<prefix>metric``, ...)."""
-        return IndexSpec.from_config({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, prefix)
+        d = IndexSpec()
+        return IndexSpec(factory=str(getattr(self, f"{prefix}index_factory", d.factory)),
+                         metric=str(getattr(self, f"{prefix}metric", d.metric)),
+                         nprobe=getattr(self, "nprobe", d.nprobe), ef_search=getattr(self, "ef_search", d.ef_search),
+                         use_gpu=getattr(self, "use_gpu", d.use_gpu), ondisk=bool(getattr(self, "index_ondisk", False)))
 
 
 @dataclass
@@ -65,22 +70,28 @@ class Plan:
         return base.fingerprint(self.spec)
 
 
-class Unit:
+class Unit(ABC):
+    """A datastore unit: subclasses implement the four steps below (see the module docstring)."""
+
     name: str = ""
     Params: type = UnitParams
 
     # ---------------------------------------------------------------- what a unit implements
+    @abstractmethod
     def plan(self, lm, corpus_ds, corpus_name: str, p, shard: Shard) -> Plan:
-        raise NotImplementedError
+        """Check ``p`` and resolve it into the fingerprinted spec and folder names."""
 
+    @abstractmethod
     def write(self, tmp: Path, plan: Plan, p, lm, corpus_ds, progress: bool) -> None:
-        raise NotImplementedError
+        """Build into the fresh folder ``tmp`` (files and manifest)."""
 
+    @abstractmethod
     def merge(self, tmp: Path, plan: Plan, parts: list[Path], p, lm, progress: bool) -> None:
-        raise NotImplementedError
+        """Build into ``tmp`` from the finished shard folders ``parts`` (in order)."""
 
+    @abstractmethod
     def load(self, folder: Path, plan: Plan, p, lm, progress: bool, **extra):
-        raise NotImplementedError
+        """Open the finished folder."""
 
     def check_merge(self, p) -> None:
         """Refuse a config whose shards would not merge into the unsharded build."""
