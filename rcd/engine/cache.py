@@ -5,6 +5,11 @@ length), so rows of different lengths share one :class:`transformers.DynamicCach
 prompt changed is prefilled on its own and its cache rows are spliced into the batch cache (both
 sides left-padded to the longer length). A cache with sliding-window layers cannot be spliced:
 :func:`splice` returns None and the caller re-prefills the batch.
+
+:func:`kept_prefix` lets a row be re-prefilled from a prefix of its own cached positions: the KV of
+the first ``kept`` real positions of the row is gathered into an injected prefix and only the rest
+of the row's new sequence is forwarded after it. The KV of a position depends only on the tokens up to it, so
+this equals a fresh prefill of the whole new sequence (up to floating-point rounding).
 """
 from __future__ import annotations
 
@@ -83,16 +88,63 @@ def drop_last(state: CacheState) -> CacheState:
     return CacheState(cache=state.cache, mask=state.mask[:, :-1], next_pos=state.next_pos - 1, logits=None)
 
 
+def plain_layers(cache) -> bool:
+    """Whether every layer of ``cache`` keeps all positions (no sliding window): rows can be spliced and cropped."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return all(type(x) is DynamicLayer and not isinstance(x, DynamicSlidingWindowLayer) for x in cache.layers)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def kept_prefix(state: CacheState, rows: Sequence[int], kept: Sequence[int]):
+    """The first ``kept[i]`` real cached positions of row ``rows[i]`` of ``state`` as an injected prefix
+    (a left-padded ``PrefixKV`` whose rows continue at position ``kept[i]``), or None when nothing is kept.
+
+    Prefilling a row's new tokens after it equals a fresh prefill of the whole row (the KV of a
+    position depends only on the tokens up to it). The rows' cache must hold plain positions 0, 1, ...
+    (no injected prefix) in layers that keep every position (:func:`plain_layers`)."""
+    from rcd.control.inject import PrefixKV
+
+    P = max(kept) if kept else 0
+    if P == 0:
+        return None
+    R = len(rows)
+    mdev = state.mask.device
+    idx = torch.zeros((R, P), dtype=torch.long, device=mdev)
+    mask = torch.zeros((R, P), dtype=torch.long, device=mdev)
+    for i, (r, p) in enumerate(zip(rows, kept)):
+        if p:
+            real = torch.nonzero(state.mask[r], as_tuple=False).view(-1)[:p]
+            if real.numel() < p:
+                raise RcdError(f"kept_prefix: cache row {r} holds {real.numel()} positions, not {p}")
+            idx[i, P - p:] = real
+            mask[i, P - p:] = 1
+    sel = torch.tensor(list(rows), dtype=torch.long, device=mdev)
+    keys, values = [], []
+    for layer in state.cache.layers:
+        k, v = layer.keys[sel.to(layer.keys.device)], layer.values[sel.to(layer.values.device)]
+        g = idx.to(k.device).view(R, 1, P, 1).expand(R, k.shape[1], P, k.shape[3])
+        keys.append(torch.gather(k, 2, g))
+        values.append(torch.gather(v, 2, g))
+    return PrefixKV(keys=keys, values=values, mask=mask, next_pos=torch.tensor(list(kept), dtype=torch.long))
+
+
 def splice(old: CacheState, sub: CacheState, rows: Sequence[int]) -> Optional[CacheState]:
     """``old`` with cache rows ``rows`` replaced by ``sub`` (both left-padded to the longer length).
 
     Returns None when a cache layer is not a plain growing layer (e.g. sliding window), which
     the caller answers with a full re-prefill.
     """
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
     layers_old, layers_sub = old.cache.layers, sub.cache.layers
-    if any(type(x) is not DynamicLayer or isinstance(x, DynamicSlidingWindowLayer) for x in layers_old + layers_sub):
+    if not (plain_layers(old.cache) and plain_layers(sub.cache)):
         return None
     L0, L1 = old.mask.shape[1], sub.mask.shape[1]
     L = max(L0, L1)

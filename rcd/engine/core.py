@@ -10,9 +10,10 @@ Cost and provenance
 Every run returns a cost dict: ``retrievals`` (row retrievals), ``retrieval_s``, ``model_s``,
 ``tokens`` (generated, eos included), ``ttft`` (seconds to the first token of the batch),
 ``tokens_per_s`` (tokens / wall seconds, retrieval included), ``steps`` (row-steps asked) and
-``retrieval_rate`` = retrievals / steps. Each retrieval appends a provenance record
-``{task, strategy, control, phase, id, row, step, query, ids, doc_ids, scores}``; controls add
-their own (kNN neighbours, verify decisions).
+``retrieval_rate`` = retrievals / steps, ``reused_tokens`` (positions a re-prefill took from the
+row's own cache instead of recomputing them, :meth:`rcd.engine.decoding.Decoding.refresh`). Each
+retrieval appends a provenance record ``{task, strategy, control, phase, id, row, step, query, ids,
+doc_ids, scores}``; controls add their own (kNN neighbours, verify decisions).
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ class Engine:
 
     def new_cost(self) -> dict[str, Any]:
         return {"retrievals": 0, "retrieval_s": 0.0, "model_s": 0.0, "tokens": 0, "ttft": None, "steps": 0,
-                "wall_s": 0.0}
+                "wall_s": 0.0, "reused_tokens": 0}
 
     @staticmethod
     def finish_cost(cost: dict) -> dict:
@@ -247,9 +248,6 @@ class Engine:
     def step(self, state: CacheState, tokens: torch.Tensor, cost: dict) -> CacheState:
         return cache.step(self.model, self.device, state, tokens, cost)
 
-    def redo_last(self, state: CacheState, cost: dict) -> CacheState:
-        """Drop the last cached position and recompute it (hooks may have changed)."""
-        return self.step(cache.drop_last(state), state.last, cost)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -261,7 +259,7 @@ class Engine:
                 for i in range(0, len(reqs), self.batch_size)]
         cost = self.new_cost()
         for o in outs:
-            for key in ("retrievals", "retrieval_s", "model_s", "tokens", "steps", "wall_s"):
+            for key in ("retrievals", "retrieval_s", "model_s", "tokens", "steps", "wall_s", "reused_tokens"):
                 cost[key] += o.cost[key]
         ttfts = [o.cost["ttft"] for o in outs if o.cost["ttft"] is not None]
         cost["ttft"] = sum(ttfts) / len(ttfts) if ttfts else None

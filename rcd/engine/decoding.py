@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from rcd.engine.cache import CacheState, splice
+from rcd.engine.cache import CacheState, common_prefix, drop_last, kept_prefix, plain_layers, splice
 from rcd.engine.query import hit_labels
 
 
@@ -57,6 +57,8 @@ class Decoding:
         self.firing_views: Optional[torch.Tensor] = None  # [B*V] views whose schedule fired this step
         self.in_generate = bool(in_generate)
         self.dirty: set[int] = set()  # rows whose prompt changed: re-prefilled at the next ensure_logits
+        #: per view, the token ids its cache row holds (None: unknown, e.g. after an injected KV prefix)
+        self.cached: list[Optional[list[int]]] = [None] * (self.B * self.n_views)
         if self.control is not None:
             self.control.begin(self)
 
@@ -125,14 +127,36 @@ class Decoding:
                 out.append(e.prompt_ids(req.prompt, ps, self.template) + self.gen[b])
         return out
 
+    def views_of(self, rows: Sequence[int]) -> list[int]:
+        return [b * self.n_views + v for b in rows for v in range(self.n_views)]
+
     def prefill_rows(self, rows: Sequence[int]) -> CacheState:
+        """A fresh prefill of ``rows`` (their views' cached ids are recorded for later reuse)."""
         c = self.control
+        seqs = self.seqs(rows)
         prefix = c.kv_prefix(self, list(rows), self.cost) if c is not None else None
-        return self.engine.prefill(self.seqs(rows), self.cost, prefix=prefix)
+        for v, s in zip(self.views_of(rows), seqs):
+            self.cached[v] = None if prefix is not None else list(s)
+        return self.engine.prefill(seqs, self.cost, prefix=prefix)
 
     def _before_forward(self) -> None:
         if self.control is not None:
             self.control.before_forward(self.firing_views)
+
+    def _step(self, tokens: torch.Tensor) -> None:
+        self.state = self.engine.step(self.state, tokens, self.cost)
+        for v, t in enumerate(tokens.tolist()):
+            if self.cached[v] is not None:
+                self.cached[v].append(int(t))
+
+    def redo_last(self) -> None:
+        """Recompute the last cached position (the control's hooks changed since it was computed)."""
+        for ids in self.cached:
+            if ids is not None:
+                ids.pop()
+        last = self.state.last
+        self.state = drop_last(self.state)
+        self._step(last)
 
     def rebuild(self) -> None:
         self._before_forward()
@@ -140,25 +164,68 @@ class Decoding:
         self.pending = None
         self.dirty.clear()
 
-    def ensure_logits(self) -> None:
-        """Bring the cache up to date: full prefill, or feed the pending token and re-prefill dirty rows."""
-        if self.state is None or len(self.dirty) == self.B:
+    def reusable(self) -> bool:
+        """Whether the cached KV stays valid for a re-prefilled row's unchanged tokens: no control hook
+        changes the forward pass."""
+        c = self.control
+        return self.state is not None and not (c is not None and c.acts_in_forward)
+
+    def refresh(self, rows: Sequence[int], pending: Optional[torch.Tensor] = None) -> None:
+        """Re-prefill ``rows`` (their prompt changed) and splice them into the batch cache.
+
+        Each view reuses its cached KV up to the first token where its new sequence differs (a view
+        whose sequence did not change costs nothing); this equals a fresh prefill of the new
+        sequence. ``pending``: the tokens chosen last, not yet fed (every row is being refreshed);
+        when no view's sequence changed they are fed as one decoding step. Rows with an injected KV
+        prefix are prefilled from scratch; a cache that cannot be cropped or spliced (sliding-window
+        layers) re-prefills the batch."""
+        c = self.control
+        views = self.views_of(rows)
+        seqs = self.seqs(rows)
+        prefix = c.kv_prefix(self, list(rows), self.cost) if c is not None else None
+        if prefix is None and self.reusable() and all(self.cached[v] is not None for v in views):
+            if pending is not None:
+                tokens = pending.repeat_interleave(self.n_views)
+                if all(self.cached[v] + [int(tokens[v])] == s for v, s in zip(views, seqs)):
+                    self._step(tokens)
+                    return
+            todo = [(v, s) for v, s in zip(views, seqs) if self.cached[v] != s]
+            if not todo:
+                return
+            if plain_layers(self.state.cache):
+                kept = [min(common_prefix(self.cached[v], s), len(s) - 1) for v, s in todo]
+                sub_views = [v for v, _ in todo]
+                sub = self.engine.prefill([s[k:] for (_, s), k in zip(todo, kept)], self.cost,
+                                          prefix=kept_prefix(self.state, sub_views, kept))
+                self.cost["reused_tokens"] += sum(kept)
+                for v, s in todo:
+                    self.cached[v] = list(s)
+                self.state = splice(self.state, sub, sub_views)
+                return
+        if not plain_layers(self.state.cache):  # rows cannot be spliced: re-prefill everything
             self.rebuild()
             return
-        if self.pending is not None:
-            self._before_forward()
-            tokens = self.pending.repeat_interleave(self.n_views)
-            self.state = self.engine.step(self.state, tokens, self.cost)
-            self.pending = None
+        for v, s in zip(views, seqs):
+            self.cached[v] = None if prefix is not None else list(s)
+        self.state = splice(self.state, self.engine.prefill(seqs, self.cost, prefix=prefix), views)
+
+    def ensure_logits(self) -> None:
+        """Bring the cache up to date: a full prefill, or feed the pending token and re-prefill dirty
+        rows (when every row is dirty the re-prefill feeds the pending tokens itself)."""
+        if self.state is None or (len(self.dirty) == self.B and not self.reusable()):
+            self.rebuild()
+            return
+        if self.pending is None and not self.dirty:
+            return
+        self._before_forward()
+        pending, self.pending = self.pending, None
+        if pending is not None and len(self.dirty) < self.B:
+            self._step(pending.repeat_interleave(self.n_views))
+            pending = None
         if self.dirty:
             rows = sorted(self.dirty)
             self.dirty.clear()
-            views = [b * self.n_views + v for b in rows for v in range(self.n_views)]
-            merged = splice(self.state, self.prefill_rows(rows), views)
-            if merged is None:  # a cache layout that cannot be spliced: re-prefill everything
-                self.rebuild()
-            else:
-                self.state = merged
+            self.refresh(rows, pending)
 
     def last_tokens(self) -> Optional[torch.Tensor]:
         if self.step_no == 0:
@@ -201,7 +268,10 @@ class Decoding:
             elif c.acts_in_forward and self.state is not None and self.pending is None:
                 # the schedule read p_t, computed before the control acted: recompute the last position
                 self._before_forward()
-                self.state = e.redo_last(self.state, self.cost) if self.step_no > 0 else None
+                if self.step_no > 0:
+                    self.redo_last()
+                else:
+                    self.state = None
         return fire
 
     def logprobs(self, fire: torch.Tensor) -> torch.Tensor:
