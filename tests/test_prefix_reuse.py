@@ -9,7 +9,7 @@ import torch
 from rcd.control.context import ContextControl, Passage
 from rcd.control.replug import ReplugEnsemble
 from rcd.engine import Engine
-from rcd.engine.cache import common_prefix
+from rcd.engine.cache import common_prefix, length_groups
 from rcd.schedule import EveryN
 from rcd.strategy import Strategy
 from tests.test_engine import FakeHits, fresh_logprobs
@@ -101,10 +101,10 @@ def test_changed_second_passage_reuses_the_first_and_equals_a_fresh_forward(tiny
     p0a, p0b = (prompt_ids(eng, tiny_lm, "hello world", docs(0, j)) for j in (1, 2))
     p1a, p1b = (prompt_ids(eng, tiny_lm, "to be", docs(j, 1)) for j in (3, 2))
     g = out.token_ids
-    assert len(calls) == 2  # the first prefill and the step-3 re-prefill; step 6 changed nothing
+    # the first prefill and the step-3 re-prefill (tails of similar length: one forward); step 6 changed nothing
     want0 = (p0b + g[0][:3])[common_prefix(p0a, p0b):]
     want1 = (p1b + g[1][:3])[common_prefix(p1a, p1b):]
-    assert calls[1] == [want0, want1]
+    assert len(calls) == 2 and calls[1] == [want0, want1]
     assert common_prefix(p0a, p0b) > len("alpha beta gamma") and common_prefix(p1a, p1b) == 0
     assert out.cost["reused_tokens"] == common_prefix(p0a, p0b) + common_prefix(p1a, p1b)
 
@@ -116,8 +116,7 @@ def test_unchanged_passages_cost_only_the_new_token(tiny_lm):
     out = run_rows(eng, ds, ["hello world", "to be"])
     # step 3: row 0 (same passages) forwards only the token it chose, batched with row 1's changed tail;
     # step 6: no row changed, a plain decoding step (no prefill)
-    assert len(calls) == 2 and calls[1][0] == [out.token_ids[0][2]]
-    assert len(calls[1][1]) > 3
+    assert len(calls) == 2 and calls[1][0] == [out.token_ids[0][2]] and len(calls[1][1]) > 3
     for rec in trace:
         for b, prompt in enumerate(["hello world", "to be"]):
             ids = prompt_ids(eng, tiny_lm, prompt, rec["passages"][b]) + rec["gen"][b]
@@ -157,6 +156,12 @@ def test_sliding_window_cache_falls_back_to_a_full_prefill():
     for rec in trace:
         ids = prompt_ids(eng, lm, "hello world", rec["passages"][0]) + rec["gen"][0]
         assert torch.allclose(rec["logprobs"][0], fresh_logprobs(lm, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("lengths,groups", [([5, 5, 5], [[0, 1, 2]]), ([300, 1, 290, 2], [[0, 2], [1, 3]]),
+                                            ([300, 100], [[0], [1]]), ([100, 70], [[0, 1]]), ([], [])])
+def test_length_groups(lengths, groups):
+    assert length_groups(lengths) == groups
 
 
 @pytest.mark.parametrize("a,b,n", [([1, 2, 3], [1, 2, 4], 2), ([], [1], 0), ([5], [5], 1), ([1, 2], [1, 2, 3], 2)])

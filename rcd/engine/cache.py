@@ -104,6 +104,25 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def length_groups(lengths: Sequence[int], slack: float = 1.25, pad: int = 64) -> list[list[int]]:
+    """Indices of ``lengths`` in groups to forward together: longest first, a group grows while its
+    left-padded size (members × longest) stays within ``slack`` × its real tokens + ``pad``. Padding
+    is compute, so rows whose new tails differ much in length are forwarded apart; short tails
+    (decoding-like forwards, bound by reading the weights) stay together."""
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        n = int(lengths[i])
+        if groups and (len(groups[-1]) + 1) * int(lengths[groups[-1][0]]) <= slack * (real + n) + pad:
+            groups[-1].append(i)
+            real += n
+        else:
+            groups.append([i])
+            real = n
+    return [sorted(g) for g in groups]
+
+
 def kept_prefix(state: CacheState, rows: Sequence[int], kept: Sequence[int]):
     """The first ``kept[i]`` real cached positions of row ``rows[i]`` of ``state`` as an injected prefix
     (a left-padded ``PrefixKV`` whose rows continue at position ``kept[i]``), or None when nothing is kept.

@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from rcd.engine.cache import CacheState, common_prefix, drop_last, kept_prefix, plain_layers, splice
+from rcd.engine.cache import (CacheState, common_prefix, drop_last, kept_prefix, length_groups, plain_layers,
+                              splice)
 from rcd.engine.query import hit_labels
 
 
@@ -175,7 +176,8 @@ class Decoding:
 
         Each view reuses its cached KV up to the first token where its new sequence differs (a view
         whose sequence did not change costs nothing); this equals a fresh prefill of the new
-        sequence. ``pending``: the tokens chosen last, not yet fed (every row is being refreshed);
+        sequence. The changed tails are forwarded in groups of similar length (:func:`length_groups`).
+        ``pending``: the tokens chosen last, not yet fed (every row is being refreshed);
         when no view's sequence changed they are fed as one decoding step. Rows with an injected KV
         prefix are prefilled from scratch; a cache that cannot be cropped or spliced (sliding-window
         layers) re-prefills the batch."""
@@ -194,13 +196,15 @@ class Decoding:
                 return
             if plain_layers(self.state.cache):
                 kept = [min(common_prefix(self.cached[v], s), len(s) - 1) for v, s in todo]
-                sub_views = [v for v, _ in todo]
-                sub = self.engine.prefill([s[k:] for (_, s), k in zip(todo, kept)], self.cost,
-                                          prefix=kept_prefix(self.state, sub_views, kept))
+                tails = [s[k:] for (_, s), k in zip(todo, kept)]
+                for group in length_groups([len(t) for t in tails]):  # tails of similar length together
+                    sub_views = [todo[i][0] for i in group]
+                    sub = self.engine.prefill([tails[i] for i in group], self.cost,
+                                              prefix=kept_prefix(self.state, sub_views, [kept[i] for i in group]))
+                    self.state = splice(self.state, sub, sub_views)
                 self.cost["reused_tokens"] += sum(kept)
                 for v, s in todo:
                     self.cached[v] = list(s)
-                self.state = splice(self.state, sub, sub_views)
                 return
         if not plain_layers(self.state.cache):  # rows cannot be spliced: re-prefill everything
             self.rebuild()
