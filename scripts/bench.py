@@ -71,12 +71,13 @@ from rcd.tasks.perplexity import score  # noqa: E402
 TARGETS = {
     "per_token_decode": (">=", 0.85),   # decode tok/s of kNN-LM / none, batch 1 and 8, 1M-entry datastore
     "per_token_ppl": ("abs<=", 0.02),   # |perplexity / exact-search perplexity - 1|
-    "context_wall": ("<=", 1.5),        # wall time of every_n / per_sentence / none, 128 new tokens
+    "context_wall": ("<=", 1.5),        # wall time of every_n / per_sentence / none, 128 new tokens, batch 1
+    "context_wall_b8": ("<=", 2.5),     # issue #11: the same at batch 8
     "latent_ttft": (">=", 3.0),         # TTFT with the chunks as text / TTFT with their KV injected
     "recompute_ttft": (">=", 2.0),      # issue #11: TTFT as text / TTFT with KV + selective recompute (r=0.15)
     "build": (">=", 0.9),               # datastore build tok/s / plain forward tok/s
 }
-#: presets held to the context_wall target
+#: presets held to the context_wall targets
 CONTEXT_TARGET_PRESETS = ("every_n", "per_sentence")
 PROMPT = "MACBETH. If it were done when 'tis done, then 'twere well\nIt were done quickly. "
 QUESTION = "Question: In Antony and Cleopatra, how does Cleopatra die, and why does she choose that death?\nAnswer:"
@@ -600,7 +601,9 @@ def targets(out: dict) -> list[dict]:
         if r.get("ppl_vs_exact") is not None and not (r["index"] == "Flat" and not r.get("rerank")):
             add("per_token perplexity vs exact search", setting, r["ppl_vs_exact"], "{:+.2%}", "per_token_ppl")
     for p in out.get("presets", []):
-        key = "context_wall" if p["preset"] in CONTEXT_TARGET_PRESETS else None
+        key = None
+        if p["preset"] in CONTEXT_TARGET_PRESETS and p["batch"] in (1, 8):
+            key = "context_wall" if p["batch"] == 1 else "context_wall_b8"
         setting = (f"{p['retriever']}, {p.get('datastore_size') or 0:,} entries, k={p['k']}, "
                    f"{p['retrievals']} retrieval{'' if p['retrievals'] == 1 else 's'}")
         add(f"{p['preset']} wall time, batch {p['batch']}, {p['new_tokens']} tokens", setting, p["ratio"]["wall"],

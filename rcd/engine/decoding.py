@@ -7,7 +7,8 @@ Per step t::
     rows that fire: control.on_fire(run, rows)            (retrieve with a text query, keep evidence;
                                                           a control that retrieves_itself is only counted)
     control.rebuilds_prompt: the firing rows are re-prefilled from control.prompt_passages /
-                            control.kv_prefix + the tokens they generated
+                            control.kv_prefix + the tokens they generated; a row keeps its
+                            cached KV up to its first changed token (:meth:`Decoding.refresh`)
     control.before_forward(firing views); the cache is brought up to date
     log p = control.logprobs(run, logits, fire); the next token is chosen
     rows that finished: control.after_step(run, rows)     (verify checks and may roll back)
@@ -250,7 +251,7 @@ class Decoding:
 
     def decide_and_act(self) -> torch.Tensor:
         """Ask the schedule for step ``step_no`` and let the control act on the firing rows."""
-        e, sched, c = self.engine, self.engine.schedule, self.control
+        sched, c = self.engine.schedule, self.control
         active = torch.tensor([not d for d in self.done])
         self.cost["steps"] += int(active.sum())
         fire = torch.zeros(self.B, dtype=torch.bool)
