@@ -6,13 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rcd.control.context import ContextControl, Passage
+from rcd.control.context import ContextControl, Passage, PromptTemplate
 from rcd.control.replug import ReplugEnsemble
 from rcd.engine import Engine
 from rcd.engine.cache import common_prefix, length_groups
-from rcd.schedule import EveryN
+from rcd.control.verify import Verify
+from rcd.engine.decoding import Decoding
+from rcd.schedule import EveryN, Sentence
 from rcd.strategy import Strategy
-from tests.test_engine import FakeHits, fresh_logprobs
+from conftest import as_loaded, tiny_gemma3
+from test_engine import DOCS, FakeChunks, FakeHits, fresh_logprobs
 
 
 class ScriptedChunks:
@@ -142,8 +145,6 @@ def test_replug_views_reuse_their_own_cache(tiny_lm):
 
 
 def test_sliding_window_cache_falls_back_to_a_full_prefill():
-    from tests.conftest import as_loaded, tiny_gemma3
-
     model, tok = tiny_gemma3(sliding_window=8)
     lm = as_loaded(model, tok)
     trace: list = []
@@ -167,3 +168,67 @@ def test_length_groups(lengths, groups):
 @pytest.mark.parametrize("a,b,n", [([1, 2, 3], [1, 2, 4], 2), ([], [1], 0), ([5], [5], 1), ([1, 2], [1, 2, 3], 2)])
 def test_common_prefix(a, b, n):
     assert common_prefix(a, b) == n
+
+
+class HookedContext(ContextControl):
+    """A context control that says its hooks change the forward pass: cached KV must not be reused."""
+
+    acts_in_forward = True
+
+
+def test_a_control_whose_hooks_change_the_forward_recomputes_whole_rows(tiny_lm):
+    eng, ds = engine_with(tiny_lm, [[[0, 1], [0, 2]]], control=HookedContext())
+    calls = record_prefills(eng)
+    out = run_rows(eng, ds, ["hello world"])
+    assert out.cost["reused_tokens"] == 0
+    assert calls[1] == [prompt_ids(eng, tiny_lm, "hello world", docs(0, 2)) + out.token_ids[0][:3]]
+
+
+class RotatingChunks:
+    """Every search returns document 0 and then the others in turn (the turn moves once per search)."""
+
+    unit = "chunks"
+
+    def __init__(self, texts):
+        self.texts, self.n = list(texts), 0
+
+    def search(self, queries, k):
+        ids = [[0] + [1 + (self.n + r + j) % (len(self.texts) - 1) for j in range(k - 1)] for r in range(len(queries))]
+        self.n += 1
+        return FakeHits(torch.tensor(ids), torch.ones(len(ids), k), [[self.texts[j] for j in r] for r in ids],
+                        [[f"d{j}" for j in r] for r in ids])
+
+
+def outputs(tiny_lm, strategy, prompts, reuse, monkeypatch, **kw):
+    with monkeypatch.context() as m:
+        if not reuse:  # the engine before prefix reuse: every re-prefill recomputes whole rows
+            m.setattr(Decoding, "reusable", lambda self: False)
+        out = Engine(tiny_lm, strategy(), stop_at_eos=False, **kw).generate(prompts)
+    return out
+
+
+@pytest.mark.parametrize("name", ["every_n", "replug", "verify_ban", "verify_evidence"])
+def test_reuse_gives_the_same_tokens_and_distributions_as_full_re_prefills(tiny_lm, monkeypatch, name):
+    boundary = tiny_lm.tokenizer.decode([Engine(tiny_lm, None, max_new_tokens=4, stop_at_eos=False)
+                                         .generate(["hello world"]).token_ids[0][2]])
+    sentence = lambda: Sentence(boundary=boundary, newline=False).bind(tiny_lm.tokenizer)  # noqa: E731
+    strategies = {
+        "every_n": lambda: Strategy("c", datastore=RotatingChunks(DOCS), control=ContextControl(), schedule=EveryN(2)),
+        "replug": lambda: Strategy("r", datastore=RotatingChunks(DOCS), control=ReplugEnsemble(),
+                                   schedule=EveryN(3)),
+        "verify_ban": lambda: Strategy("v", datastore=FakeChunks(["zzzz qqqq"]), schedule=sentence(),
+                                       control=Verify(threshold=1.0, max_retries=2, regenerate="ban")),
+        "verify_evidence": lambda: Strategy("v", datastore=FakeChunks(["zzzz qqqq", "hello there world"]),
+                                            schedule=sentence(),
+                                            control=Verify(threshold=0.9, max_retries=1, regenerate="evidence")),
+    }
+    prompts = ["hello world", "to be or not", "the cat sat"]
+    traces = {True: [], False: []}
+    tpl = PromptTemplate(header="Context:\n")  # rows share a head before their passages
+    outs = {r: outputs(tiny_lm, strategies[name], prompts, r, monkeypatch, k=2, max_new_tokens=12,
+                       trace=traces[r], template=tpl) for r in (True, False)}
+    assert outs[True].token_ids == outs[False].token_ids
+    assert len(traces[True]) == len(traces[False])
+    for a, b in zip(traces[True], traces[False]):
+        assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-4)
+    assert outs[True].cost["reused_tokens"] > 0 and outs[False].cost["reused_tokens"] == 0

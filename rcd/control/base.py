@@ -23,9 +23,12 @@ Generation (one :class:`rcd.engine.decoding.Decoding` per batch, called ``run`` 
 
 Flags: ``retrieves_itself`` (the control searches inside its own ``apply``/hooks, the engine
 only counts firings), ``rebuilds_prompt`` (new evidence changes the prompt or cache prefix: the
-firing rows are re-prefilled), ``acts_in_forward`` (hooks change the forward pass: a step whose
-logits were computed before the schedule decided is recomputed), ``rolls_back`` (the control
-takes back emitted tokens, impossible inside ``model.generate``).
+firing rows are re-prefilled, each keeping its cached KV up to its first changed token),
+``acts_in_forward`` (hooks change the forward pass: a step whose logits were computed before the
+schedule decided is recomputed, and a re-prefill recomputes the whole row, since KV cached under
+other hook settings is not valid; set it on any control whose hooks change hidden states or
+attention), ``rolls_back`` (the control takes back emitted tokens, impossible inside
+``model.generate``).
 
 Scoring a fixed text (:class:`rcd.engine.scoring.Scorer`, the one perplexity path):
 ``score_window(scorer, win)`` returns the NLL of one window's positions from the plain forward's
