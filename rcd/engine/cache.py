@@ -3,8 +3,8 @@
 Rows are left-padded; position ids are explicit (``cumsum(mask) - 1`` plus an injected prefix's
 length), so rows of different lengths share one :class:`transformers.DynamicCache`. A row whose
 prompt changed is prefilled on its own and its cache rows are spliced into the batch cache (both
-sides left-padded to the longer length). A cache with sliding-window layers cannot be spliced:
-:func:`splice` returns None and the caller re-prefills the batch.
+sides left-padded to the longer length). A cache with sliding-window layers cannot be spliced or
+cropped (:func:`plain_layers`): the caller re-prefills the batch.
 
 :func:`kept_prefix` lets a row be re-prefilled from a prefix of its own cached positions: the KV of
 the first ``kept`` real positions of the row is gathered into an injected prefix and only the rest
@@ -90,9 +90,9 @@ def drop_last(state: CacheState) -> CacheState:
 
 def plain_layers(cache) -> bool:
     """Whether every layer of ``cache`` keeps all positions (no sliding window): rows can be spliced and cropped."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicLayer
 
-    return all(type(x) is DynamicLayer and not isinstance(x, DynamicSlidingWindowLayer) for x in cache.layers)
+    return all(type(x) is DynamicLayer for x in cache.layers)  # sliding-window layers are subclasses
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -156,15 +156,12 @@ def kept_prefix(state: CacheState, rows: Sequence[int], kept: Sequence[int]):
     return PrefixKV(keys=keys, values=values, mask=mask, next_pos=torch.tensor(list(kept), dtype=torch.long))
 
 
-def splice(old: CacheState, sub: CacheState, rows: Sequence[int]) -> Optional[CacheState]:
-    """``old`` with cache rows ``rows`` replaced by ``sub`` (both left-padded to the longer length).
-
-    Returns None when a cache layer is not a plain growing layer (e.g. sliding window), which
-    the caller answers with a full re-prefill.
-    """
+def splice(old: CacheState, sub: CacheState, rows: Sequence[int]) -> CacheState:
+    """``old`` with cache rows ``rows`` replaced by ``sub`` (both left-padded to the longer length);
+    both caches must keep every position (:func:`plain_layers`)."""
     layers_old, layers_sub = old.cache.layers, sub.cache.layers
     if not (plain_layers(old.cache) and plain_layers(sub.cache)):
-        return None
+        raise RcdError("splice: a cache with sliding-window layers cannot be spliced; re-prefill the batch")
     L0, L1 = old.mask.shape[1], sub.mask.shape[1]
     L = max(L0, L1)
     idx = torch.tensor(list(rows), dtype=torch.long, device=old.mask.device)

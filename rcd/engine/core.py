@@ -248,7 +248,6 @@ class Engine:
     def step(self, state: CacheState, tokens: torch.Tensor, cost: dict) -> CacheState:
         return cache.step(self.model, self.device, state, tokens, cost)
 
-
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request | str], max_new_tokens: Optional[int] = None) -> Output:

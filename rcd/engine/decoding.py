@@ -207,12 +207,14 @@ class Decoding:
                 for v, s in todo:
                     self.cached[v] = list(s)
                 return
-        if not plain_layers(self.state.cache):  # rows cannot be spliced: re-prefill everything
-            self.rebuild()
-            return
         for v, s in zip(views, seqs):
             self.cached[v] = None if prefix is not None else list(s)
-        self.state = splice(self.state, self.engine.prefill(seqs, self.cost, prefix=prefix), views)
+        if len(rows) == self.B:  # every row is re-prefilled: this prefill is the batch's new cache
+            self.state = self.engine.prefill(seqs, self.cost, prefix=prefix)
+        elif plain_layers(self.state.cache):
+            self.state = splice(self.state, self.engine.prefill(seqs, self.cost, prefix=prefix), views)
+        else:  # rows of a sliding-window cache cannot be spliced: re-prefill the batch
+            self.rebuild()
 
     def ensure_logits(self) -> None:
         """Bring the cache up to date: a full prefill, or feed the pending token and re-prefill dirty
