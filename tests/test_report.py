@@ -70,6 +70,8 @@ LM_MD = """\
 | every_n (s=4)      | –                                      | –                   | –                    | –         | –              | –            | –                   | –            | –                 |
 
 Perplexity: exp of the mean token NLL; interval = bootstrap over tokens (1000 resamples, seed 0). Δ: paired bootstrap of ppl/ppl_none − 1 on the same tokens. Speed: decode tokens/s and time to the first generated token at batch 1 (no interval; varies run to run), ÷ none measured in the same process. – = not run / not available.
+
+Scored text, the same tokens in every row: 12 tokens.
 """
 
 
@@ -348,3 +350,55 @@ def test_figure_values_for_the_prose():
     assert figures.figure_values({"name": "fig2", "layout": "pareto"}, [(experiments.Resolved(pt, None), lm)]) == {
         "fig2.every_n.4.rate": "1.000", "fig2.every_n.4.quality": "7.90", "fig2.every_n.4.entries": "100,000",
         "fig2.every_n.4.change": "-16.8% [-26.5, -5.7]"}
+
+
+def test_a_merged_regeneration_counts_overlapping_invocations_once(tmp_path):
+    """Two `rcd-paper run --only` invocations that overlapped in time: the merged wall time is the union of
+    their intervals (not the sum of run times); an entry from an old record without an interval adds its
+    summed run times, and the record says so."""
+    from rcd.paper import cli as mod
+    out = tmp_path / "tables"
+
+    def rec(names, started, ended, jobs):
+        exps = [{"name": n, "points": 1, "ran": 1, "reused": 0, "failed": 0, "skipped": [], "wall_s": 500.0,
+                 "cpu_s": 400.0, "started": started, "ended": ended, "jobs": jobs} for n in names]
+        return {"scale": "small", "threads": 1, "machine": "m", "experiments": exps, "jobs": jobs,
+                "launcher": "basic", "wall_s": ended - started, "wall_kind": "elapsed", "command": "c"}
+
+    mod.write_regeneration(rec(["a"], 1000.0, 2000.0, 1), out)
+    mod.write_regeneration(rec(["b", "c"], 1500.0, 2600.0, 2), out, merge=True)  # overlaps a by 500 s
+    r = json.loads((out / "regeneration.json").read_text())
+    assert [e["name"] for e in r["experiments"]] == ["a", "b", "c"]
+    assert (r["wall_s"], r["wall_kind"], r["jobs"], r["cpu_s"]) == (1600.0, "elapsed", "1/2", 1200.0)
+    mod.write_regeneration(rec(["d"], 4000.0, 4100.0, 1), out, merge=True)  # a gap: 1600 + 100
+    assert json.loads((out / "regeneration.json").read_text())["wall_s"] == 1700.0
+    # an experiment logged before intervals existed (old record): its summed run time is added, and named
+    old = json.loads((out / "regeneration.json").read_text())
+    old["experiments"].append({"name": "e", "points": 1, "ran": 1, "reused": 0, "failed": 0, "skipped": [],
+                               "wall_s": 300.0, "cpu_s": 290.0})
+    (out / "regeneration.json").write_text(json.dumps(old))
+    mod.write_regeneration(rec(["d"], 4000.0, 4100.0, 1), out, merge=True)
+    r = json.loads((out / "regeneration.json").read_text())
+    assert (r["wall_s"], r["wall_kind"]) == (2000.0, "elapsed + summed run times")
+    assert "total wall time (elapsed + summed run times) 2000 s" in (out / "regeneration.md").read_text()
+    assert mod.wall_kind({"partial": True}) == "summed run times" and mod.wall_kind({}) == "elapsed"
+
+
+def test_the_lm_table_names_the_scored_documents_and_refuses_to_pool_different_texts():
+    def run(tokens, docs):
+        return experiments.Run(Path("r"), {"metrics": {"perplexity": {
+            "tokens": tokens, "documents": [{"id": i, "tokens": n} for i, n in docs]}}}, {})
+
+    same = [tables.Row("a", "A", None, run(8190, [("macbeth", 4095), ("tempest", 4095)])),
+            tables.Row("b", "B", None, run(8190, [("macbeth", 4095), ("tempest", 4095)])),
+            tables.Row("c", "C", None, None)]  # a row without a run says nothing about the text
+    note, values = tables.scored_text([r for r in same if r.run is not None])
+    assert note == "Scored text, the same tokens in every row: 8,190 tokens (macbeth: 4,095, tempest: 4,095)."
+    assert values == {"scored_tokens": "8,190", "scored_documents": "2"}
+    t = tables.Table("T", ["x"], [["1"]], values=values)
+    assert tables.table_values({"name": "exp"}, [], t) == {"exp.scored_tokens": "8,190", "exp.scored_documents": "2"}
+    mixed = same[:1] + [tables.Row("d", "D", None, run(1023, [("macbeth", 1023)]))]
+    note, values = tables.scored_text(mixed)
+    assert values == {}
+    assert note == ("Rows scored different texts (compare within a group only): A: 8,190 tokens (macbeth: 4,095, "
+                    "tempest: 4,095); D: 1,023 tokens (macbeth: 1,023).")

@@ -86,7 +86,7 @@ def launcher_overrides(name: str, jobs: int) -> list[str]:
 def run_experiments(args) -> dict:
     """Run every pending point as one Hydra multirun (rcd's list sweeper over the plan, the launcher chosen
     with --launcher); returns the regeneration record (also written to paper/tables)."""
-    t_all = time.perf_counter()
+    t_all, t_epoch = time.perf_counter(), time.time()
     jobs = max(1, int(args.jobs or 1))
     launcher = args.launcher or default_launcher(jobs)
     record = {"scale": args.scale, "threads": args.threads, "machine": machine(), "experiments": [],
@@ -164,10 +164,13 @@ def run_experiments(args) -> dict:
             print(f"[paper] {r.point.experiment}/{r.point.key}: FAILED: {why[:200]}", flush=True)
         print(f"[paper] sweep: {sum(e['ran'] for e in recs)} ran, {sum(e['failed'] for e in recs)} failed, "
               f"{time.time() - t_start:.0f} s", flush=True)
+    started, ended = round(t_epoch, 1), round(time.time(), 1)
     for rec in recs:
         rec["wall_s"], rec["cpu_s"] = round(rec["wall_s"], 1), round(rec["cpu_s"], 1)
+        rec.update(started=started, ended=ended, jobs=jobs)  # this invocation's interval: merges take unions
         record["experiments"].append(rec)
     record["wall_s"] = round(time.perf_counter() - t_all, 1)  # elapsed, whatever ran in parallel
+    record["wall_kind"] = "elapsed"
     record["cpu_s"] = round(sum(e["cpu_s"] for e in record["experiments"]), 1)
     stop.set()
     sampler.join()
@@ -196,6 +199,26 @@ def machine() -> str:
     return out
 
 
+def merged_wall(exps: list[dict]) -> tuple[float, str]:
+    """Wall time of experiments run by several invocations: the union of their invocations' [started,
+    ended] intervals (invocations that overlapped count once); an entry written before intervals were
+    recorded adds its summed run times. Returns (seconds, "elapsed" | "elapsed + summed run times")."""
+    spans = sorted({(e["started"], e["ended"]) for e in exps if "started" in e and "ended" in e})
+    total, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            total, end = total + (b - a), b
+        elif b > end:
+            total, end = total + (b - end), b
+    summed = [e["wall_s"] for e in exps if "started" not in e or "ended" not in e]
+    return round(total + sum(summed), 1), ("elapsed + summed run times" if summed else "elapsed")
+
+
+def wall_kind(record: dict) -> str:
+    """What a record's ``wall_s`` is (a merged record written before ``wall_kind`` existed: summed run times)."""
+    return record.get("wall_kind") or ("summed run times" if record.get("partial") else "elapsed")
+
+
 def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
     """Write ``regeneration.json``/``.md``; ``merge`` (a run with --only) updates only its experiments'
     entries of the previous record of the same scale."""
@@ -207,22 +230,24 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
             mine = {e["name"] for e in record["experiments"]}
             merged = [e for e in prev["experiments"] if e["name"] not in mine] + record["experiments"]
             record["experiments"] = sorted(merged, key=lambda e: e["name"])
-            record["wall_s"] = round(sum(e["wall_s"] for e in record["experiments"]), 1)
+            record["wall_s"], record["wall_kind"] = merged_wall(record["experiments"])
             record["cpu_s"] = round(sum(e.get("cpu_s", 0.0) for e in record["experiments"]), 1)
+            record["jobs"] = "/".join(sorted({str(e.get("jobs", "?")) for e in record["experiments"]}))
             record["partial"] = True  # merged from more than one invocation
     (out / "regeneration.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = [[e["name"], str(e["points"]), str(e["ran"]), str(e["reused"]), str(e["failed"]), f"{e['wall_s']:.0f}",
              f"{e.get('cpu_s', 0.0):.0f}", "; ".join(e["skipped"]) or experiments.MISSING] for e in record["experiments"]]
     cmd = record.get("command", "")
     t = tables.Table(f"Regeneration log (scale: {record['scale']})",
-                     ["experiment", "points", "ran", "reused", "failed", "wall (s)", "CPU (s)", "skipped / failed rows"],
+                     ["experiment", "points", "ran", "reused", "failed", "run time, summed (s)", "CPU (s)",
+                      "skipped / failed rows"],
                      rows,
-                     [f"Command: `{cmd}`; total wall time {record['wall_s']:.0f} s "
+                     [f"Command: `{cmd}`; total wall time ({wall_kind(record)}) {record['wall_s']:.0f} s "
                       f"({record['wall_s'] / 60:.1f} min), CPU time of the runs {record.get('cpu_s', 0.0):.0f} s "
                       f"({record.get('cpu_s', 0.0) / 60:.1f} min), on {record.get('machine', 'an unrecorded machine')}; "
                       f"threads per run: {record['threads'] or 'torch default'}; runs at once: {record.get('jobs', 1)} "
                       f"(Hydra launcher: {record.get('launcher', 'basic')})"
-                      f"{' (an experiment' + chr(39) + 's wall time is the sum over its runs)' if record.get('jobs', 1) > 1 else ''}; "
+                      "; an experiment's run time is the sum over its runs, which may have overlapped; "
                       f"{'merged from several invocations (total = sum of experiments); ' if record.get('partial') else ''}"
                       f"1-minute load average during the runs: mean {record.get('load_mean', '?')}, "
                       f"max {record.get('load_max', '?')} ({os.cpu_count()} cores; other jobs share the machine). "
@@ -296,6 +321,8 @@ def make_tables(args) -> dict[str, str]:
     if regen.is_file():
         r = json.loads(regen.read_text())
         values["regen.minutes"] = f"{r['wall_s'] / 60:.1f}"
+        values["regen.wall_kind"] = wall_kind(r)
+        values["regen.jobs"] = str(r.get("jobs", 1))
         values["regen.cpu_minutes"] = f"{r.get('cpu_s', 0.0) / 60:.1f}"
         values["regen.load_mean"] = str(r.get("load_mean", experiments.MISSING))
         values["regen.scale"] = r["scale"]

@@ -56,6 +56,8 @@ class Table:
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
     label: str = ""
+    #: values of the whole table for the paper's prose (``<experiment>.<key>``), beside the per-cell ones
+    values: dict[str, str] = field(default_factory=dict)
 
     def markdown(self) -> str:
         cells = [self.columns] + self.rows
@@ -135,7 +137,32 @@ def lm_table(title: str, rows: Sequence[Row], label: str = "") -> Table:
              "Δ: paired bootstrap of ppl/ppl_none − 1 on the same tokens. Speed: decode tokens/s and time to the "
              "first generated token at batch 1 (no interval; varies run to run), ÷ none measured in the same process. "
              "– = not run / not available."]
-    return Table(title, cols, out, notes, label)
+    scored, values = scored_text([r for r in rows if r.run is not None])
+    if scored:
+        notes.append(scored)
+    return Table(title, cols, out, notes, label, values)
+
+
+def scored_text(rows: Sequence[Row]) -> tuple[str, dict[str, str]]:
+    """The note naming the documents and token counts the rows scored (from each run's
+    ``metrics.perplexity``), and its values; rows that scored different texts are named, never pooled."""
+    texts: dict[tuple, list[str]] = {}
+    for r in rows:
+        p = dig(r.run.results, "metrics.perplexity", {}) or {}
+        docs = tuple((d.get("id"), d.get("tokens")) for d in p.get("documents") or [])
+        texts.setdefault((p.get("tokens"), docs), []).append(r.label)
+    if not texts:
+        return "", {}
+
+    def say(tokens, docs) -> str:
+        return f"{fmt_int(tokens)} tokens" + (f" ({', '.join(f'{i}: {fmt_int(n)}' for i, n in docs)})" if docs else "")
+
+    if len(texts) == 1:
+        (tokens, docs), = texts
+        return (f"Scored text, the same tokens in every row: {say(tokens, docs)}.",
+                {"scored_tokens": fmt_int(tokens), "scored_documents": str(len(docs))})
+    parts = "; ".join(f"{', '.join(labels)}: {say(t, d)}" for (t, d), labels in texts.items())
+    return f"Rows scored different texts (compare within a group only): {parts}.", {}
 
 
 def qa_table(title: str, rows: Sequence[Row], groups: dict[str, str], label: str = "") -> Table:
@@ -217,6 +244,7 @@ def table_values(spec: dict, rows: Sequence[Row], table: Table) -> dict[str, str
         base = f"{spec['name']}.{r.key}" + (f".{r.group}" if r.group else "")
         for k, c in zip(keys, cells):
             out[f"{base}.{k}"] = c
+    out.update({f"{spec['name']}.{k}": v for k, v in table.values.items()})
     return out
 
 
