@@ -125,6 +125,59 @@ def test_lazy_kv_injects_the_chunk_text_kv_computed_once(tiny_lm):
     assert small.store.computed >= 2 and len(small.store.cache) == 1  # the bound holds
 
 
+def test_an_anchor_opens_the_prefix_and_every_chunk_is_encoded_after_it(tiny_lm):
+    """strategy.control.anchor: [A][c_1]..[c_m][prompt]; one chunk = a fresh forward of A + chunk + prompt,
+    r = 1 = A + all chunks' text, r = 0: each chunk's KV as encoded right after A (not alone, not after c_1)."""
+    from rcd.compat import cache_layers, output_cache
+    from rcd.control.inject import InjectError
+    from rcd.engine.cache import forward_padded
+
+    tok = tiny_lm.tokenizer
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    A, prompt = enc("Context:"), enc("hello world")
+    c0, c2 = enc(DOCS[0]), enc(DOCS[2])
+
+    def after(prefix):
+        with torch.no_grad():
+            out, _, _ = forward_padded(tiny_lm.model, 0, tiny_lm.device, [prompt], {"model_s": 0.0}, prefix=prefix,
+                                       keep=len(prompt))
+        return torch.log_softmax(out.logits[0].float(), -1)
+
+    def fresh(ids):
+        with torch.no_grad():
+            return torch.log_softmax(tiny_lm.model(input_ids=torch.tensor([ids])).logits[0, -len(prompt):].float(), -1)
+
+    def control(**kw):
+        ctl = LazyKVInjection(positions="shift", anchor="Context:", **kw).bind(datastore=TextChunks(DOCS))
+        ctl.prepare(tiny_lm, [])
+        return ctl
+
+    one = control().prefix(tiny_lm, [[2]])
+    assert one.mask.shape[1] == len(A) + len(c2) and int(one.next_pos[0]) == len(A) + len(c2)
+    assert torch.allclose(after(one), fresh(A + c2 + prompt), atol=1e-4)
+    assert not torch.allclose(after(one), fresh(c2 + prompt), atol=1e-3)  # the anchor is really there
+    full = control(recompute=1.0).prefix(tiny_lm, [[0, 2]])
+    assert torch.allclose(after(full), fresh(A + c0 + c2 + prompt), atol=1e-4)
+    plain = control().prefix(tiny_lm, [[0, 2]])
+    with torch.no_grad():
+        alone_after_a = cache_layers(output_cache(tiny_lm.model(input_ids=torch.tensor([A + c2]), use_cache=True)))
+    got = plain.values[-1][0, :, len(A) + len(c0):]
+    assert torch.allclose(got, alone_after_a[-1][1][0, :, len(A):], atol=1e-5)  # values carry no position
+    assert plain.mask.shape[1] == len(A) + len(c0) + len(c2)
+    # through the engine: generation reads A + chunk + prompt
+    trace: list = []
+    ctl = LazyKVInjection(positions="shift", anchor="Context:")
+    eng = Engine(tiny_lm, Strategy("lazy", datastore=TextChunks(DOCS), control=ctl, schedule=Once()), k=1,
+                 max_new_tokens=3, stop_at_eos=False, trace=trace, query="prompt")
+    eng.generate(["hello world"])
+    for rec in trace:
+        want = fresh_logprobs(tiny_lm, A + c2 + prompt + rec["gen"][0])
+        assert torch.allclose(rec["logprobs"][0], want, atol=1e-4)
+    with pytest.raises(InjectError, match="positions=shift"):
+        LazyKVInjection(positions="independent", anchor="Context:")
+    assert LazyKVInjection(anchor="").anchor_text is None  # an empty anchor is no anchor
+
+
 # --------------------------------------------------------------------------- tokens × context
 class FakeTokens:
     """Token datastore stand-in: every query's neighbours are entries 4 and 1; context(i) = fixed corpus tokens."""

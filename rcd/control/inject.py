@@ -234,11 +234,19 @@ class KVInjection(Control):
     def lengths(self, ids: Sequence[int]) -> list[int]:
         return [int(self.kv_source().length(int(i))) for i in ids]
 
+    def anchor(self):
+        """(token ids [A], per-layer KV) that open every prefix when the KV source encodes its chunks after an
+        anchor text (:class:`rcd.control.lazy_kv.ChunkKV`), else None."""
+        get = getattr(self.kv_source(), "anchor", None)
+        return get() if callable(get) else None
+
     def prefix_length(self, ids: Sequence[int]) -> int:
-        """Cache positions the prefix of chunks ``ids`` takes, and where the prompt starts."""
+        """Cache positions the prefix of chunks ``ids`` takes (the anchor's too), and where the prompt starts."""
         ids = self._cap(list(ids))
-        lens = self.lengths(ids)
-        return sum(lens)
+        if not ids:
+            return 0
+        anchor = self.anchor()
+        return (0 if anchor is None else len(anchor[0])) + sum(self.lengths(ids))
 
     def _cap(self, ids: list[int]) -> list[int]:
         ids = [int(i) for i in ids if int(i) >= 0]
@@ -260,6 +268,8 @@ class KVInjection(Control):
         t0 = time.perf_counter()
         dtype = next(lm.model.parameters()).dtype
         dev = lm.device
+        anchor = self.anchor()  # its KV opens every row's prefix; chunk keys are already after it
+        A = 0 if anchor is None else len(anchor[0])
         per_row, lens, starts, capped = [], [], [], []
         for ids in rows:
             ids = self._cap(list(ids))
@@ -275,11 +285,14 @@ class KVInjection(Control):
                 delta = torch.cat([torch.full((n,), off, dtype=torch.long)
                                    for n, off in zip(ls, [sum(ls[:j]) for j in range(len(ls))])])
                 kv = [(self.rotate(k, delta, layer), v) for layer, (k, v) in enumerate(kv)]
-                starts.append(sum(ls))
+                if anchor is not None:
+                    kv = [(torch.cat([ak.to(k.dtype), k], 2), torch.cat([av.to(v.dtype), v], 2))
+                          for (ak, av), (k, v) in zip(anchor[1], kv)]
+                starts.append(A + sum(ls))
             else:
                 starts.append(max(ls))
             per_row.append(kv)
-            lens.append(sum(ls))
+            lens.append(A + sum(ls))
         P = max(lens)
         if P == 0:
             raise InjectError("no chunk to inject in any row")
@@ -315,7 +328,10 @@ class KVInjection(Control):
         (:mod:`rcd.control.blend`); a row with one chunk (at offset 0: already its full prefill) is left."""
         from rcd.control.blend import blend_batch, token_ids
 
-        row_tokens = [token_ids(self.kv_source(), ids) if len(ids) > 1 else None for ids in rows]
+        anchor = self.anchor()
+        head = [] if anchor is None else [anchor[0].view(-1).long().cpu()]
+        row_tokens = [torch.cat(head + [token_ids(self.kv_source(), ids).cpu()]) if len(ids) > 1 else None
+                      for ids in rows]
         keys, values, _ = blend_batch(lm.model, row_tokens, keys, values, mask, self.recompute, self.select_layer)
         return keys, values
 
