@@ -62,7 +62,7 @@ class ChunkKV:
             return self.cache[i]
         ids = self.lm.tokenizer(self._text(i), add_special_tokens=False)["input_ids"][: self.max_tokens] or [0]
         x = torch.tensor([ids], device=self.lm.device)
-        a_ids, a_kv = self._anchor if self._anchor is not None else (x[0, :0], None)
+        a_ids = self._anchor[0] if self._anchor is not None else x[0, :0]
         A = len(a_ids)
         run = torch.cat([a_ids.view(1, -1), x], 1)
         out = self.lm.model(input_ids=run, position_ids=torch.arange(A + len(ids), device=x.device).view(1, -1),

@@ -248,7 +248,7 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
                       f"threads per run: {record['threads'] or 'torch default'}; runs at once: {record.get('jobs', 1)} "
                       f"(Hydra launcher: {record.get('launcher', 'basic')})"
                       "; an experiment's run time is the sum over its runs, which may have overlapped; "
-                      f"{'merged from several invocations (total = sum of experiments); ' if record.get('partial') else ''}"
+                      f"{'merged from several invocations; ' if record.get('partial') else ''}"
                       f"1-minute load average during the runs: mean {record.get('load_mean', '?')}, "
                       f"max {record.get('load_max', '?')} ({os.cpu_count()} cores; other jobs share the machine). "
                       "Wall time depends on how many runs were reused and on the machine's load."])
