@@ -382,6 +382,8 @@ def test_a_merged_regeneration_counts_overlapping_invocations_once(tmp_path):
     assert (r["wall_s"], r["wall_kind"]) == (2000.0, "elapsed + summed run times")
     assert "total wall time (elapsed + summed run times) 2000 s" in (out / "regeneration.md").read_text()
     assert mod.wall_kind({"partial": True}) == "summed run times" and mod.wall_kind({}) == "elapsed"
+    assert r["jobs"] == "a varying number of"  # the old entry does not say how many ran at once
+    assert mod.runs_at_once({"jobs": 2}) == "2"
 
 
 def test_the_lm_table_names_the_scored_documents_and_refuses_to_pool_different_texts():

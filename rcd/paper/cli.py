@@ -219,6 +219,15 @@ def wall_kind(record: dict) -> str:
     return record.get("wall_kind") or ("summed run times" if record.get("partial") else "elapsed")
 
 
+def runs_at_once(record: dict) -> str:
+    """Runs at once of a record: its own, or for a merged one each invocation's ("1/2"); "a varying number of"
+    when a merged entry does not say (written before entries recorded it)."""
+    if not record.get("partial"):
+        return str(record.get("jobs", 1))
+    jobs = [e.get("jobs") for e in record["experiments"]]
+    return "/".join(sorted({str(j) for j in jobs})) if all(j is not None for j in jobs) else "a varying number of"
+
+
 def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
     """Write ``regeneration.json``/``.md``; ``merge`` (a run with --only) updates only its experiments'
     entries of the previous record of the same scale."""
@@ -232,8 +241,8 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
             record["experiments"] = sorted(merged, key=lambda e: e["name"])
             record["wall_s"], record["wall_kind"] = merged_wall(record["experiments"])
             record["cpu_s"] = round(sum(e.get("cpu_s", 0.0) for e in record["experiments"]), 1)
-            record["jobs"] = "/".join(sorted({str(e.get("jobs", "?")) for e in record["experiments"]}))
             record["partial"] = True  # merged from more than one invocation
+            record["jobs"] = runs_at_once(record)
     (out / "regeneration.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = [[e["name"], str(e["points"]), str(e["ran"]), str(e["reused"]), str(e["failed"]), f"{e['wall_s']:.0f}",
              f"{e.get('cpu_s', 0.0):.0f}", "; ".join(e["skipped"]) or experiments.MISSING] for e in record["experiments"]]
@@ -322,7 +331,7 @@ def make_tables(args) -> dict[str, str]:
         r = json.loads(regen.read_text())
         values["regen.minutes"] = f"{r['wall_s'] / 60:.1f}"
         values["regen.wall_kind"] = wall_kind(r)
-        values["regen.jobs"] = str(r.get("jobs", 1))
+        values["regen.jobs"] = runs_at_once(r)
         values["regen.cpu_minutes"] = f"{r.get('cpu_s', 0.0) / 60:.1f}"
         values["regen.load_mean"] = str(r.get("load_mean", experiments.MISSING))
         values["regen.scale"] = r["scale"]
