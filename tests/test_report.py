@@ -404,3 +404,16 @@ def test_the_lm_table_names_the_scored_documents_and_refuses_to_pool_different_t
     assert values == {}
     assert note == ("Rows scored different texts (compare within a group only): A: 8,190 tokens (macbeth: 4,095, "
                     "tempest: 4,095); D: 1,023 tokens (macbeth: 1,023).")
+
+
+def test_the_grid_cell_names_what_decides_firing():
+    cell = lambda sched: experiments.grid_cell({"datastore": {"unit": "chunks"}, "strategy": {  # noqa: E731
+        "control": {"_target_": "rcd.control.ContextControl"}, "schedule": sched}})
+    assert cell({"_target_": "rcd.schedule.EveryN", "n": 16}) == "chunks · ContextControl · EveryN(n=16)"
+    adaptive = {"_target_": "rcd.schedule.Adaptive", "threshold": 0.4, "mode": "max_prob", "target_rate": None}
+    assert cell(adaptive) == "chunks · ContextControl · Adaptive(threshold=0.4)"
+    # θ fitted to a target rate: the configured threshold is not what ran
+    assert cell(dict(adaptive, target_rate=0.0625)) == "chunks · ContextControl · Adaptive(target_rate=0.0625)"
+    sentence = {"_target_": "rcd.schedule.Sentence", "boundary": ".!?", "min_tokens": 0}
+    assert cell(sentence) == "chunks · ContextControl · Sentence"
+    assert cell(dict(sentence, min_tokens=24)) == "chunks · ContextControl · Sentence(min_tokens=24)"

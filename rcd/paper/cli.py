@@ -244,6 +244,11 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
             record["partial"] = True  # merged from more than one invocation
             record["jobs"] = runs_at_once(record)
     (out / "regeneration.json").write_text(json.dumps(record, indent=2) + "\n")
+    render_regeneration(record, out)
+
+
+def render_regeneration(record: dict, out: Path) -> None:
+    """``regeneration.md`` from a record (``tables`` renders it again from ``regeneration.json``)."""
     rows = [[e["name"], str(e["points"]), str(e["ran"]), str(e["reused"]), str(e["failed"]), f"{e['wall_s']:.0f}",
              f"{e.get('cpu_s', 0.0):.0f}", "; ".join(e["skipped"]) or experiments.MISSING] for e in record["experiments"]]
     cmd = record.get("command", "")
@@ -254,7 +259,7 @@ def write_regeneration(record: dict, out: Path, merge: bool = False) -> None:
                      [f"Command: `{cmd}`; total wall time ({wall_kind(record)}) {record['wall_s']:.0f} s "
                       f"({record['wall_s'] / 60:.1f} min), CPU time of the runs {record.get('cpu_s', 0.0):.0f} s "
                       f"({record.get('cpu_s', 0.0) / 60:.1f} min), on {record.get('machine', 'an unrecorded machine')}; "
-                      f"threads per run: {record['threads'] or 'torch default'}; runs at once: {record.get('jobs', 1)} "
+                      f"threads per run: {record['threads'] or 'torch default'}; runs at once: {runs_at_once(record)} "
                       f"(Hydra launcher: {record.get('launcher', 'basic')})"
                       "; an experiment's run time is the sum over its runs, which may have overlapped; "
                       f"{'merged from several invocations; ' if record.get('partial') else ''}"
@@ -329,6 +334,7 @@ def make_tables(args) -> dict[str, str]:
     regen = out / "regeneration.json"
     if regen.is_file():
         r = json.loads(regen.read_text())
+        render_regeneration(r, out)
         values["regen.minutes"] = f"{r['wall_s'] / 60:.1f}"
         values["regen.wall_kind"] = wall_kind(r)
         values["regen.jobs"] = runs_at_once(r)

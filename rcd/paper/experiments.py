@@ -229,8 +229,9 @@ def collect(spec: dict, scale: str, root: Path) -> list[tuple[Resolved, Optional
 
 
 def grid_axes(config: dict) -> Optional[tuple[str, str, str]]:
-    """(what, how, when) of a resolved config: datastore unit, control class, schedule class with its
-    n / threshold, e.g. ``("tokens", "KNNInterpolation", "EveryN(n=4)")``; None for the plain model."""
+    """(what, how, when) of a resolved config: datastore unit, control class, schedule class with what decides
+    its firing (n; threshold, or target_rate when θ is calibrated; a sentence schedule's min_tokens when set),
+    e.g. ``("tokens", "KNNInterpolation", "EveryN(n=4)")``; None for the plain model."""
     strat = config.get("strategy") or {}
     ctl = (strat.get("control") or {}).get("_target_")
     if not ctl:
@@ -240,7 +241,10 @@ def grid_axes(config: dict) -> Optional[tuple[str, str, str]]:
     when = MISSING
     if sched.get("_target_"):
         when = sched["_target_"].rsplit(".", 1)[-1]
-        args = [f"{k}={v}" for k, v in sched.items() if k in ("n", "threshold")]
+        calibrated = sched.get("target_rate") is not None  # θ is fitted to the rate: the rate says it
+        args = [f"{k}={v}" for k, v in sched.items()
+                if k == "n" or (k == "threshold" and not calibrated) or (k == "target_rate" and calibrated)
+                or (k == "min_tokens" and v)]
         when += f"({', '.join(args)})" if args else ""
     return what, ctl.rsplit(".", 1)[-1], when
 

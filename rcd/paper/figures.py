@@ -148,7 +148,8 @@ def fig_pareto(title: str, series: Sequence[tuple[str, list[tuple[Resolved, Run]
                 label="Pareto front")
         ax.set_xlabel("retrieval rate (share of tokens that retrieve)")
         ax.set_ylabel("exact match" if qa else "perplexity")
-        ax.legend(fontsize=7)
+        # below the axes: the points run corner to corner and every corner holds a label
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.set_title(title, fontsize=9)
     return _save(fig, out_stem)
 
