@@ -44,7 +44,7 @@ clean:
 
 # The paper: run experiments/*.yaml (finished runs are reused), then write paper/tables (Markdown + LaTeX,
 # bootstrap 95% CIs), paper/figures (PNG + PDF) and paper/paper.md. SCALE=small (default; 2-core CPU,
-# under an hour) or SCALE=full (GPU). LAUNCHER=basic|processes|submitit_local|slurm picks the Hydra launcher
+# 53 min measured with cached datastores, every run recomputed) or SCALE=full (GPU). LAUNCHER=basic|processes|submitit_local|slurm picks the Hydra launcher
 # of the runs (default: processes, one 1-thread run per core), JOBS=<n> how many run at once.
 paper: setup
 	$(BIN)/python scripts/paper.py all --scale $(or $(SCALE),small) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(JOBS),--jobs $(JOBS))
