@@ -151,9 +151,45 @@ def model_fingerprint(name: str) -> str:
     return f"hub:{name}"
 
 
+#: rcd folders whose code does not change what a run computes (tables, figures and reports of finished runs)
+_NOT_COMPUTING = ("paper",)
+
+
+@lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """Fingerprint of the rcd code a run computes with: every ``.py`` file of the package (names and
+    contents), except :data:`_NOT_COMPUTING`. The same code installed anywhere (a checkout, a wheel) gives
+    the same value; any edit, committed or not, gives another."""
+    pkg = Path(__file__).resolve().parent
+    h = hashlib.sha1()
+    for p in sorted(pkg.rglob("*.py")):
+        rel = p.relative_to(pkg)
+        if rel.parts[0] in _NOT_COMPUTING or "__pycache__" in rel.parts:
+            continue
+        h.update(f"{rel.as_posix()}\t{file_fingerprint(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def describe_code(code: Optional[dict]) -> str:
+    """``commit 1a2b3c4 (dirty), source 5d6e...`` of a :func:`code_version` record (old records: unknown)."""
+    if not isinstance(code, dict) or not code.get("source"):
+        return "rcd code of unknown source (a result written before rcd recorded its source fingerprint)"
+    commit = code.get("commit")
+    where = f"commit {commit[:10]}{' with uncommitted edits' if code.get('dirty') else ''}" if commit else \
+        f"rcd {code.get('rcd') or '?'}"
+    return f"{where}, source {code['source']}"
+
+
+def computed_by_this_code(results: dict) -> bool:
+    """Whether a run's ``results.json`` was computed by this rcd code (same :func:`source_fingerprint`)."""
+    then = (results.get("run") or {}).get("code") if isinstance(results, dict) else None
+    return isinstance(then, dict) and then.get("source") == source_fingerprint()
+
+
 @lru_cache(maxsize=1)
 def code_version() -> dict[str, Any]:
-    """rcd's version and, when it runs from a git checkout, the commit and whether the tree is dirty."""
+    """rcd's version, its :func:`source_fingerprint` and, when it runs from a git checkout, the commit and
+    whether the tree is dirty."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -161,7 +197,7 @@ def code_version() -> dict[str, Any]:
     except PackageNotFoundError:
         ver = None
     repo = Path(__file__).resolve().parents[1]
-    out: dict[str, Any] = {"rcd": ver, "commit": None, "dirty": None}
+    out: dict[str, Any] = {"rcd": ver, "source": source_fingerprint(), "commit": None, "dirty": None}
     if (repo / ".git").exists():
         try:
             out["commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
@@ -250,5 +286,59 @@ def run_identity(cfg) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         for i, p in enumerate(files(**params) if files is not None else []):
             inputs[f"{key}.input_files[{i}]"] = _content(Path(p))
             extra[f"{key}.input_files[{i}]"] = inputs[f"{key}.input_files[{i}]"]["fingerprint"]
+    for key, module, path in outside_modules(d):
+        inputs[key] = {"module": module, **_content(path)}
+        extra[key] = inputs[key]["fingerprint"]
     hashed["_inputs"] = dict(sorted(extra.items()))
     return hashed, inputs
+
+
+def _targets(node, key: str = ""):
+    """(dotted key, value) of every ``_target_`` in a plain config tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if k == "_target_" and isinstance(v, str):
+                yield sub, v
+            else:
+                yield from _targets(v, sub)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{key}[{i}]")
+
+
+def module_file(target: str) -> tuple[Optional[str], Optional[Path]]:
+    """(module, source file) of the module a ``_target_`` (``pkg.module.attr``) lives in: the longest
+    importable prefix; (None, None) when none is importable (start-up validation refuses it)."""
+    import importlib.util
+
+    parts = target.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:n])
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError, AttributeError):
+            spec = None
+        if spec is not None:
+            origin = getattr(spec, "origin", None)
+            return name, (Path(origin) if origin and origin not in ("built-in", "frozen") and
+                          Path(origin).is_file() else None)
+    return None, None
+
+
+def outside_modules(d: dict) -> list[tuple[str, str, Path]]:
+    """``(code.<module>, module, file)`` for each module outside rcd that a ``_target_`` of config ``d`` names
+    (an outside control, schedule, unit or loader): its source file is part of the run's identity, so an
+    edit to it gives a new run folder instead of the results of the old code. rcd's own code is recorded,
+    not hashed (:func:`code_version`; a result of other rcd code is reported on reuse)."""
+    out, seen = [], set()
+    for _, target in _targets({k: v for k, v in d.items() if k != "hydra"}):
+        top = target.split(".")[0]
+        if top in ("rcd", "hydra_plugins") or target in seen:
+            continue
+        seen.add(target)
+        module, path = module_file(target)
+        if module is None or path is None or any(m == module for _, m, _ in out):
+            continue
+        out.append((f"code.{module}", module, path))
+    return out

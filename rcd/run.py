@@ -26,7 +26,7 @@ from rcd.paths import datastore_root, runs_dir
 log = logging.getLogger("rcd.run")
 
 #: keys that do not change what a run computes
-_NOT_HASHED = ("force", "progress", "runs_root", "datastore_root", "threads")
+_NOT_HASHED = ("force", "reuse", "progress", "runs_root", "datastore_root", "threads")
 
 
 def config_hash(cfg, identity: Optional[tuple] = None) -> str:
@@ -91,8 +91,7 @@ def execute(cfg: DictConfig) -> dict:
     folder = run_folder(cfg, identity)
     done = folder / "results.json"
     if done.exists() and not cfg.force:
-        print(f"[rcd] {folder} already holds results (force=true to rerun)")
-        return json.loads(done.read_text())
+        return reuse_results(folder, str(cfg.get("reuse", "same_code")))
     check_writable(folder.parent, "the runs folder", "set runs_root=<a writable folder> (or RCD_RUNS)")
     folder.mkdir(parents=True, exist_ok=True)
     from rcd.datastore.base import file_lock
@@ -100,9 +99,31 @@ def execute(cfg: DictConfig) -> dict:
     # the run folder is claimed: an identical run started meanwhile waits, then reads these results
     with file_lock(folder / ".claim", f"computing the same run ({folder.name}) to finish"):
         if done.exists() and not cfg.force:
-            print(f"[rcd] {folder} already holds results (computed by another process)")
-            return json.loads(done.read_text())
+            return reuse_results(folder, str(cfg.get("reuse", "same_code")), "computed by another process")
         return _compute(cfg, folder, inputs)
+
+
+#: ``reuse=``: which finished results a run returns instead of computing
+REUSE = ("same_code", "any")
+
+
+def reuse_results(folder: Path, reuse: str = "same_code", how: str = "") -> dict:
+    """The results in ``folder`` if the rcd code that computed them is this code (:func:`rcd.identity.
+    code_version`'s ``source``); results of other rcd code are refused, naming both (``reuse=any`` returns
+    them, saying so). The run's identity already covers config, data, weights and outside code."""
+    from rcd.identity import code_version, computed_by_this_code, describe_code
+
+    res = json.loads((folder / "results.json").read_text())
+    then, now = (res.get("run") or {}).get("code"), code_version()
+    same = computed_by_this_code(res)
+    if not same and reuse != "any":
+        raise RcdError(f"{folder}: holds results computed by other rcd code ({describe_code(then)}; this is "
+                       f"{describe_code(now)}): rerun with force=true to recompute them, or reuse=any to accept them")
+    note = "" if same else f"; computed by other rcd code ({describe_code(then)}), accepted by reuse=any"
+    print(f"[rcd] {folder} already holds results ({how + ', ' if how else ''}force=true to rerun{note})")
+    if not same:
+        res.setdefault("run", {})["reused_other_code"] = True
+    return res
 
 
 def _compute(cfg: DictConfig, folder: Path, inputs: dict) -> dict:

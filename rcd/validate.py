@@ -203,6 +203,8 @@ def check_config(cfg: DictConfig, *, task: bool = True) -> None:
     from rcd.corpus import check_node
 
     if task:
+        reuse = OmegaConf.select(cfg, "reuse", default="same_code")
+        one_of("reuse", reuse, ("same_code", "any"))
         check_strategy(cfg)
     check_datastore(OmegaConf.select(cfg, "datastore"))
     leak = OmegaConf.select(cfg, "leak_check")

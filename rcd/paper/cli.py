@@ -125,7 +125,11 @@ def run_experiments(args) -> dict:
                 print(f"[paper] {tag}: {len(resolved)} finished run(s) reused", flush=True)
                 continue
             print(f"[paper] {tag}: {len(pending)} of {len(resolved)} point(s) to run", flush=True)
-            plan += [(rec, r, r.point.overrides + [f"runs_root={root}"]) for r in pending]
+            stale = [r for r in pending if r.stale]
+            if stale and not args.force:
+                print(f"[paper] {tag}: {len(stale)} finished by other rcd code, rerun (force=true)", flush=True)
+            plan += [(rec, r, r.point.overrides + [f"runs_root={root}"] + (["force=true"] if r.stale else []))
+                     for r in pending]
     if plan:
         sweep = args.runs / ".sweeps" / time.strftime("%Y%m%d-%H%M%S")
         sweep.mkdir(parents=True, exist_ok=True)
@@ -150,7 +154,7 @@ def run_experiments(args) -> dict:
             status = {s["job"]: s for s in map(json.loads, (sweep / "status.jsonl").read_text().splitlines())}
         for i, (rec, r, _) in enumerate(plan):
             res = r.folder / "results.json"
-            fresh = res.is_file() and (not args.force or res.stat().st_mtime > t_start)
+            fresh = res.is_file() and res.stat().st_mtime > t_start  # written by this sweep
             if fresh:
                 rec["ran"] += 1
                 timing = json.loads(res.read_text()).get("timing", {})

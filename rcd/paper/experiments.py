@@ -189,7 +189,19 @@ class Resolved:
 
     @property
     def done(self) -> bool:
+        """Finished by this rcd code (a result of other rcd code is :attr:`stale` and runs again)."""
+        return self.finished and not self.stale
+
+    @property
+    def finished(self) -> bool:
         return self.folder is not None and (self.folder / "results.json").is_file()
+
+    @property
+    def stale(self) -> bool:
+        """Its results.json was computed by other rcd code (:func:`rcd.identity.computed_by_this_code`)."""
+        from rcd.identity import computed_by_this_code
+
+        return self.finished and not computed_by_this_code(json.loads((self.folder / "results.json").read_text()))
 
 
 def resolve(point: Point, root: Path) -> Resolved:
