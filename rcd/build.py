@@ -223,7 +223,10 @@ def _flags(argv: list[str]) -> list[str]:
 
 def cli() -> None:
     """``rcd-build`` (console script) = ``python -m rcd.build``."""
+    from rcd.preflight import check_argv
+
     sys.argv = [sys.argv[0]] + _flags(sys.argv[1:])
+    check_argv(sys.argv[1:], config_name="build")
     main()
 
 

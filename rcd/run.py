@@ -275,7 +275,10 @@ def _plain_strategy_alias(argv: list[str]) -> list[str]:
 
 def cli() -> None:
     """``rcd-run`` (console script) = ``python -m rcd.run``."""
+    from rcd.preflight import check_argv
+
     sys.argv = [sys.argv[0]] + _plain_strategy_alias(sys.argv[1:])
+    check_argv(sys.argv[1:])  # Hydra's composition errors in rcd's form (exit 2)
     main()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
 from typing import Any, Callable, Optional
 
@@ -198,10 +199,41 @@ def check_generation_fits(cfg: DictConfig, lm) -> None:
 
 
 # ---------------------------------------------------------------- everything
+def check_targets(cfg: DictConfig) -> None:
+    """Every ``_target_`` of the config (but Hydra's own) imports; else a :class:`ConfigError` naming the key,
+    the module and the fix (its folder on PYTHONPATH, or the right name)."""
+    from hydra.utils import get_object
+
+    from rcd.identity import _targets, module_file
+
+    for key, target in _targets({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
+                                 if k != "hydra"}):
+        quiet = logging.getLogger("hydra.utils")  # it logs the failure itself; the ConfigError below says it
+        level, quiet.disabled = quiet.disabled, True
+        try:
+            get_object(target)
+        except Exception as e:  # ImportError, AttributeError, or an error the module raised on import
+            cause = e.__cause__ or e
+            module, _ = module_file(target)
+            if module is None:
+                top = target.split(".")[0]
+                raise ConfigError(key, f"cannot import {target!r}: no module {top!r} on the path "
+                                  f"({type(cause).__name__}). Put the folder holding {top}.py (or the package "
+                                  f"{top}/) on PYTHONPATH, e.g. PYTHONPATH=<folder> rcd-run ..., or correct "
+                                  "the name") from None
+            attr = target[len(module) + 1:]
+            raise ConfigError(key, f"cannot load {target!r}: module {module!r} was found, but {attr!r} could not be "
+                              f"loaded from it ({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); check "
+                              f"the name defined in {module}") from None
+        finally:
+            quiet.disabled = level
+
+
 def check_config(cfg: DictConfig, *, task: bool = True) -> None:
     """All start-up checks (module doc); raises an :class:`RcdError` naming the key, file or row."""
     from rcd.corpus import check_node
 
+    check_targets(cfg)
     if task:
         reuse = OmegaConf.select(cfg, "reuse", default="same_code")
         one_of("reuse", reuse, ("same_code", "any"))

@@ -205,7 +205,7 @@ def test_same_content_elsewhere_is_reused(setup, monkeypatch, tmp_path):
 
 def test_results_record_code_version_and_leak_check(setup):
     res = execute(cfg_for(["+strategy=per_token", "strategy.control.k=8"] + setup["lm"]))
-    assert set(res["run"]["code"]) == {"rcd", "commit", "dirty"}
+    assert set(res["run"]["code"]) == {"rcd", "source", "commit", "dirty"}
     assert res["leak_check"]["ngram"] == 13 and res["leak_check"]["overlap"] == 0.0
     json.loads(Path(res["run"]["folder"], "results.json").read_text())
 

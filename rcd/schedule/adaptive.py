@@ -149,9 +149,9 @@ class Adaptive(Schedule):
             return False
         return True
 
-    def log_stats(self, logger: Optional[logging.Logger] = None) -> dict[str, Any]:
+    def log_stats(self, logger: Optional[logging.Logger] = None, rate: Optional[float] = None) -> dict[str, Any]:
         """Log the rate (see :meth:`Schedule.log_stats`) and run :meth:`check_rate`."""
-        stats = super().log_stats(logger)
+        stats = super().log_stats(logger, rate)
         self.check_rate()
         return stats
 

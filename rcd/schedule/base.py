@@ -135,12 +135,16 @@ class Schedule(ABC):
             **self.params(),
         }
 
-    def log_stats(self, logger: Optional[logging.Logger] = None) -> dict[str, Any]:
-        """Log the retrieval rate at INFO level and return :meth:`stats`."""
+    def log_stats(self, logger: Optional[logging.Logger] = None, rate: Optional[float] = None) -> dict[str, Any]:
+        """Log the retrieval rate at INFO level and return :meth:`stats`. ``rate``: the run's retrieval rate as
+        its task measured it (positions that retrieved / positions; a firing whose query is still too short
+        retrieves later), which then is the one ``retrieval_rate`` reported; ``fired`` / ``asked`` stay the
+        schedule's own decisions."""
         s = self.stats()
-        (logger or log).info(
-            "schedule %s: fired %d / %d asked (retrieval rate %.4f)", self.name, s["fired"], s["asked"], s["retrieval_rate"]
-        )
+        if rate is not None:
+            s["retrieval_rate"] = float(rate)
+        (logger or log).info("schedule %s: retrieval rate %.4f (%d of %d decisions fired)", self.name,
+                             s["retrieval_rate"], s["fired"], s["asked"])
         return s
 
     def __repr__(self) -> str:

@@ -138,7 +138,8 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     # which text was scored: the rule (token_budget) and each document's scored tokens
     metrics["perplexity"]["documents"] = [{"id": d["id"], "tokens": int(d["ids"].numel()) - 1} for d in docs]
     if strategy.schedule is not None and hasattr(strategy.schedule, "log_stats"):
-        metrics["schedule"] = strategy.schedule.log_stats()  # logs the rate; Adaptive warns if degenerate
+        # logs the rate (the scorer's: one retrieval rate per run); Adaptive warns if degenerate
+        metrics["schedule"] = strategy.schedule.log_stats(rate=metrics["perplexity"].get("retrieval_rate"))
     prompts = []
     if t.get("generate", True):  # task.prompts, or lines of the evaluated documents (prompts_from)
         prompts = list(t.prompts) if t.get("prompts") else prompts_from(docs, int(t.get("num_prompts", 2)))

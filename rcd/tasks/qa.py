@@ -223,7 +223,8 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     if "none" in results:
         metrics["none"] = results["none"]["metrics"]
     if sched is not None and hasattr(sched, "log_stats"):
-        metrics["schedule"] = sched.log_stats()  # logs the rate; Adaptive warns if degenerate
+        # logs the rate (the engine's: one retrieval rate per run); Adaptive warns if degenerate
+        metrics["schedule"] = sched.log_stats(rate=main["metrics"]["retrieval_rate"])
     pe = main["examples"]
     return {"metrics": metrics, "per_example": {"em": [x["em"] for x in pe], "f1": [x["f1"] for x in pe],
                                                 "contains": [x["contains"] for x in pe], "examples": pe},
