@@ -41,7 +41,9 @@ def config_hash(cfg, identity: Optional[tuple] = None) -> str:
 
 def run_folder(cfg: DictConfig, identity: Optional[tuple] = None) -> Path:
     root = Path(cfg.runs_root) if cfg.get("runs_root") else runs_dir()
-    return root / f"{cfg.strategy.name}-{cfg.task.name}-{config_hash(cfg, identity)}"
+    from rcd.labels import cell_label, folder_slug
+
+    return root / f"{folder_slug(cell_label(cfg))}-{cfg.task.name}-{config_hash(cfg, identity)}"
 
 
 def finite_json(obj: Any, path: str = "", bad: Optional[list] = None) -> Any:

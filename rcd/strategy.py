@@ -92,7 +92,9 @@ def validate(cfg: DictConfig) -> None:
 def build(cfg: DictConfig, lm, corpus_ds=None, corpus_name: str = "corpus", datastore_root=None) -> Strategy:
     """Instantiate datastore, control and schedule of ``cfg.strategy`` for model ``lm``."""
     validate(cfg)
-    name = str(cfg.strategy.get("name", "unnamed"))
+    from rcd.labels import cell_label
+
+    name = cell_label(cfg)  # the preset's name, or the composition when an axis was overridden
     control_cfg = _section(cfg, "strategy.control")
     if control_cfg is None:
         return Strategy(name=name)

@@ -94,4 +94,4 @@ def test_a_run_whose_adaptive_trigger_never_fires_warns_and_records_it(tmp_path,
                                "task.generate=false"] + _lm_files(tmp_path, text)))
     sched = res["metrics"]["schedule"]
     assert sched["fired"] == 0 and sched["asked"] >= 20 and sched["retrieval_rate"] == 0.0
-    assert any("fired 0 / " in r.getMessage() for r in caplog.records)
+    assert any("retrieval rate 0.0000 (0 of " in r.getMessage() for r in caplog.records)

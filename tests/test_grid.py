@@ -23,7 +23,7 @@ def census():
 
 def test_census_states_why_a_cell_is_refused(census):
     rows, s = census
-    assert s["cells"] == len(rows) == 4 * 11 * 5 and s["runs"] == 65 and s["families_covered"] == 10
+    assert s["cells"] == len(rows) == 4 * 12 * 5 and s["runs"] == 75 and s["families_covered"] == 10
     by = {(r["unit"], r["control"], r["schedule"]): r for r in rows}
     bad = by[("tokens", "context", "once")]
     assert not bad["runs"] and "cannot use a 'tokens' datastore; it accepts ['chunks', 'latent']" in bad["why"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_run_files
+from rcd.identity import source_fingerprint
 from rcd.paper import experiments, figures, render, stats, tables
 from rcd.tasks import knn_grid
 from rcd.metrics import bootstrap_ci
@@ -207,6 +208,11 @@ def test_collect_reads_finished_runs_only(tmp_path):
     (r.folder / "config.yaml").write_text("strategy: {name: none}\n")
     assert experiments.collect(spec, "small", tmp_path)[0][1] is None  # unfinished
     shutil.copy(FIX / "lm" / "none-lm-0a1b2c3d4e" / "results.json", r.folder / "results.json")
+    [(r2, run)] = experiments.collect(spec, "small", tmp_path)
+    assert r2.finished and r2.stale and not r2.done  # written by rcd code that recorded no source: run again
+    res = json.loads((r.folder / "results.json").read_text())
+    res["run"]["code"] = {"source": source_fingerprint()}
+    (r.folder / "results.json").write_text(json.dumps(res))
     [(r2, run)] = experiments.collect(spec, "small", tmp_path)
     assert r2.done and run.results["per_example"]["nll_none"] == NLL_NONE
 

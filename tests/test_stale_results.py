@@ -18,9 +18,9 @@ OUTSIDE = Path(__file__).parent / "fixtures" / "outside"
 def _outside_copy(tmp_path, monkeypatch):
     mod = tmp_path / "mods"
     mod.mkdir()
-    shutil.copy(OUTSIDE / "chunk_boost.py", mod / "chunk_boost.py")
+    shutil.copy(OUTSIDE / "chunk_boost.py", mod / "stale_probe_boost.py")  # a name no other test imports
     monkeypatch.syspath_prepend(str(mod))
-    return mod / "chunk_boost.py"
+    return mod / "stale_probe_boost.py"
 
 
 def test_outside_module_source_is_in_the_run_identity(tmp_path, monkeypatch):
@@ -29,9 +29,10 @@ def test_outside_module_source_is_in_the_run_identity(tmp_path, monkeypatch):
 
     cfg = cfg_for(["+strategy=once"])
     OmegaConf.set_struct(cfg, False)
-    cfg.strategy.control = {"_target_": "chunk_boost.ChunkBoost", "beta": 2.0}
+    cfg.strategy.control = {"_target_": "stale_probe_boost.ChunkBoost", "beta": 2.0}
     found = outside_modules(OmegaConf.to_container(cfg, resolve=True))
-    assert [(k, m, p.resolve()) for k, m, p in found] == [("code.chunk_boost", "chunk_boost", src.resolve())]
+    assert [(k, m, p.resolve()) for k, m, p in found] == [("code.stale_probe_boost", "stale_probe_boost",
+                                                              src.resolve())]
     before = config_hash(cfg)
     assert config_hash(cfg) == before  # stable
     src.write_text(src.read_text().replace("self.beta = float(beta)", "self.beta = 2 * float(beta)"))

@@ -7,6 +7,7 @@ logits_processor=[...])``, chain with transformers' processors and reset per cal
 schedule with :func:`rcd.schedule.scheduled`.
 """
 from rcd.control.base import ACTIONS, CallTracker, Control, ControlError, LogitsControl, check_protocol, masked_rows
+from rcd.control.cad import ContextAwareDecoding, cad_logprobs
 from rcd.control.context import ContextControl, Passage, PromptTemplate
 from rcd.control.inject import InjectError, KNNAttention, KVInjection, PrefixKV
 from rcd.control.lazy_kv import ChunkKV, LazyKVInjection
@@ -21,4 +22,5 @@ from rcd.control.verify import Verify
 __all__ = ["Control", "LogitsControl", "ControlError", "check_protocol", "ACTIONS", "CallTracker", "masked_rows",
            "ContextControl", "Passage", "PromptTemplate", "KVInjection", "KNNAttention", "PrefixKV", "InjectError",
            "KNNInterpolation", "knn_log_probs", "interpolate", "ReplugEnsemble", "replug_mix", "SpanFilter",
-           "TagBias", "TagContext", "TokenContext", "LazyKVInjection", "ChunkKV", "Verify"]
+           "TagBias", "TagContext", "TokenContext", "LazyKVInjection", "ChunkKV", "Verify", "ContextAwareDecoding",
+           "cad_logprobs"]

@@ -229,6 +229,47 @@ class Scorer:
             out[vi][c0 - a:c1 - a] = lp.double()
         return out
 
+    def combined_logprobs(self, groups: list[dict], combine: Callable[[list[torch.Tensor]], torch.Tensor],
+                          batch: int = 4) -> list[torch.Tensor]:
+        """log p'(x_{p+1}) for p in [a, b) of each group ``{a, b, views: [{prefix}, ...]}``, where
+        ``p' = combine([logits of view 1, view 2, ...])``: the views' full next-token logits [m, V] at the
+        same positions, each view reading its ``prefix`` token ids then the text (as much of it as fits the
+        window after the longest prefix of the group, the same text for every view), and ``combine`` returning
+        normalised log-probabilities [m, V]. The public hook for controls that mix several views' whole
+        distributions (Context-Aware Decoding, contrastive decoding); :meth:`view_logprobs` is the cheaper
+        path when only each view's target log-probability is needed. Returns one float64 tensor [b - a] per
+        group. Forwards: one per block per view, ``batch`` blocks at a time."""
+        out = []
+        e = self.engine
+        for g in groups:
+            a, b, views = int(g["a"]), int(g["b"]), list(g["views"])
+            if not views:
+                raise ValueError("Scorer.combined_logprobs: a group needs at least one view")
+            prefixes = [list(v.get("prefix") or []) for v in views]
+            budgets = [self.window - len(px) for px in prefixes]
+            if min(budgets) < 2:
+                raise ValueError(f"Scorer.combined_logprobs: a prefix of {max(map(len, prefixes))} tokens leaves no "
+                                 f"room for text in the window of {self.window}")
+            size = max(1, min(self.stride, min(budgets)))
+            res = torch.zeros(b - a, dtype=torch.float64)
+            blocks = [(c0, min(c0 + size, b)) for c0 in range(a, b, size)]
+            for s0 in range(0, len(blocks), batch):
+                chunk = blocks[s0:s0 + batch]
+                seqs, keep = [], max(c1 - c0 for c0, c1 in chunk)
+                for c0, c1 in chunk:
+                    text = self.ids_cpu[max(0, c1 - min(budgets)):c1].tolist()  # the same text in every view
+                    seqs += [px + text for px in prefixes]
+                fw, _, _ = e.forward_padded(seqs, self.cost, keep=keep)
+                logits = fw.logits.float()
+                for j, (c0, c1) in enumerate(chunk):
+                    m = c1 - c0
+                    per_view = [logits[j * len(views) + v, keep - m:] for v in range(len(views))]
+                    lp = combine(per_view)
+                    tg = self.ids[c0 + 1:c1 + 1].to(lp.device)
+                    res[c0 - a:c1 - a] = lp.gather(1, tg.view(-1, 1)).squeeze(1).double().cpu()
+            out.append(res)
+        return out
+
     # ---------------------------------------------------------------- the pass
     def _fires(self, first: int, end: int, probs, pending: bool) -> tuple[list[int], bool]:
         sched, e = self.engine.schedule, self.engine

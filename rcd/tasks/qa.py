@@ -131,15 +131,37 @@ def validate(cfg) -> None:
         fmt.format(question="q", instruction="i")
     except (KeyError, IndexError, ValueError) as e:
         raise QAError(f"task.prompt={fmt!r} may only use {{question}} and {{instruction}} ({e!r})") from None
+    from rcd.validate import one_of
+
+    one_of("task.prompt_style", t.get("prompt_style", "auto"), PROMPT_STYLES)
+    positive_int("task.shots", t.get("shots", 0), minimum=0)
+    comp = t.get("completion_prompt") or COMPLETION
+    try:
+        comp.format(question="q")
+    except (KeyError, IndexError, ValueError) as e:
+        raise QAError(f"task.completion_prompt={comp!r} may only use {{question}} ({e!r})") from None
     load_examples(t.path, question_field=t.question_field, answers_field=t.answers_field,
                   gold_field=t.get("gold_field"), id_field=t.get("id_field"), n=t.get("n"),
                   seed=int(t.get("seed", cfg.get("seed", 0))), filter=t.get("filter"))
 
 
 def validate_with_model(cfg, lm) -> None:
+    from rcd.control.context import PromptTemplate
     from rcd.validate import check_generation_fits
 
     check_generation_fits(cfg, lm)
+    t = cfg.task
+    if int(t.get("shots") or 0) and str(t.get("prompt_style") or "auto") == "auto":
+        from omegaconf import OmegaConf
+
+        tmpl = PromptTemplate.from_config(OmegaConf.to_container(t.template, resolve=True) if t.get("template") else {})
+        control_chat = OmegaConf.select(cfg, "strategy.control.template.chat")
+        if control_chat:
+            tmpl = tmpl.updated({"chat": control_chat})
+        if tmpl.uses_chat(lm.tokenizer):
+            raise QAError(f"task.shots={t.shots}: solved examples go before a completion prompt, but {lm.name!r} "
+                          "reads QA through its chat template (task.prompt_style=auto); set task.prompt_style="
+                          "completion to use them, or task.shots=0")
 
 
 def extract_answer(text: str, regex: Optional[str] = None) -> str:
@@ -153,17 +175,53 @@ def extract_answer(text: str, regex: Optional[str] = None) -> str:
     return line
 
 
-def requests(examples: list[dict], t) -> list[Request]:
-    """The engine requests of ``examples``: ``task.prompt`` with the question and ``task.instruction``."""
+#: ``task.prompt_style``: auto = instruction when the prompt goes through the model's chat template, else completion
+PROMPT_STYLES = ("auto", "instruction", "completion")
+COMPLETION = "Question: {question}\nAnswer:"
+
+
+def prompt_style(t, engine: Engine) -> str:
+    """``instruction`` (``task.prompt``: the question and ``task.instruction``, for chat models) or
+    ``completion`` (``task.completion_prompt``, ``Question: ...\nAnswer:``, after ``task.shots`` solved
+    examples: what a base model without a chat template continues with an answer)."""
+    style = str(t.get("prompt_style") or "auto")
+    if style == "auto":
+        style = "instruction" if engine.template.uses_chat(engine.tok) else "completion"
+    return style
+
+
+def shot_examples(t, evaluated: list[dict], pool: list[dict]) -> list[dict]:
+    """``task.shots`` examples of the QA file that are not evaluated, drawn with ``task.seed``."""
+    n = int(t.get("shots") or 0)
+    if n == 0:
+        return []
+    used = {ex["id"] for ex in evaluated}
+    rest = [ex for ex in pool if ex["id"] not in used]
+    if len(rest) < n:
+        raise QAError(f"task.shots={n}: only {len(rest)} questions of task.path are not evaluated; lower task.shots "
+                      "or task.n")
+    rng = random.Random(int(t.get("seed") or 0) + 1)
+    return [rest[i] for i in sorted(rng.sample(range(len(rest)), n))]
+
+
+def requests(examples: list[dict], t, style: str = "instruction", shots: Optional[list[dict]] = None) -> list[Request]:
+    """The engine requests of ``examples`` in ``style`` (:func:`prompt_style`): ``task.prompt`` with the question
+    and ``task.instruction``, or ``task.completion_prompt`` after the solved ``shots`` (first answer each)."""
+    if style == "completion":
+        fmt = t.get("completion_prompt") or COMPLETION
+        solved = "".join(f"{fmt.format(question=ex['question'])} {ex['answers'][0]}\n\n" for ex in shots or [])
+        return [Request(prompt=solved + fmt.format(question=ex["question"]), query=ex["question"], id=ex["id"])
+                for ex in examples]
     instruction = t.get("instruction") or ""
     fmt = t.get("prompt") or "{question}\n{instruction}"
     return [Request(prompt=fmt.format(question=ex["question"], instruction=instruction).strip(), query=ex["question"],
                     id=ex["id"]) for ex in examples]
 
 
-def decode_split(engine: Engine, examples: list[dict], t) -> dict[str, Any]:
+def decode_split(engine: Engine, examples: list[dict], t, style: str = "instruction",
+                 shots: Optional[list[dict]] = None) -> dict[str, Any]:
     """Decode every example with ``engine``; metrics (see module doc) and per-example records."""
-    out = engine.generate(requests(examples, t))
+    out = engine.generate(requests(examples, t, style, shots))
     regex = t.get("answer_regex")
     preds = [extract_answer(x, regex) for x in out.texts]
     raw = [extract_answer(x, None) for x in out.texts]
@@ -205,19 +263,29 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     examples = load_examples(t.path, n=t.get("n"), seed=int(t.get("seed", cfg.get("seed", 0))), **fields)
     common = dict(max_new_tokens=int(t.max_new_tokens), batch_size=int(t.get("batch_size", 8)))
     results: dict[str, Any] = {}
-    if t.get("baseline", True) and not strategy.is_baseline:
-        plain = from_config(lm, None, cfg, task="qa", provenance=[], **common)
-        results["none"] = decode_split(plain, examples, t)
     engine = from_config(lm, strategy if not strategy.is_baseline else None, cfg, task="qa", provenance=provenance,
                          **common)
+    style = prompt_style(t, engine)
+    pool = load_examples(t.path, **fields) if int(t.get("shots") or 0) or \
+        calibrate.wants_calibration(getattr(strategy, "schedule", None)) else []
+    shots = shot_examples(t, examples, pool) if style == "completion" else []
+    if t.get("baseline", True) and not strategy.is_baseline:
+        plain = from_config(lm, None, cfg, task="qa", provenance=[], **common)
+        results["none"] = decode_split(plain, examples, t, style, shots)
     calibration = None
     if calibrate.wants_calibration(getattr(strategy, "schedule", None)):  # θ from questions not evaluated
         calib_engine = from_config(lm, strategy, cfg, task="qa", provenance=[], **common)
-        calibration = calibrate.calibrate_qa(calib_engine, strategy, examples, load_examples(t.path, **fields),
-                                             lambda exs: requests(exs, t), int(t.get("calibration_questions") or 32))
-    main = decode_split(engine, examples, t)
+        shot_ids = {ex["id"] for ex in shots}
+        calibration = calibrate.calibrate_qa(calib_engine, strategy, examples,
+                                             [ex for ex in pool if ex["id"] not in shot_ids],
+                                             lambda exs: requests(exs, t, style, shots),
+                                             int(t.get("calibration_questions") or 32))
+    main = decode_split(engine, examples, t, style, shots)
     sched = getattr(strategy, "schedule", None)
     metrics: dict[str, Any] = {"qa": main["metrics"]}
+    # which prompt the model read: the style, the solved examples before each question, one rendered prompt
+    metrics["prompt"] = {"style": style, "shots": len(shots), "shot_ids": [ex["id"] for ex in shots],
+                         "example": engine.template.render(engine.tok, requests(examples[:1], t, style, shots)[0].prompt)}
     if calibration is not None:
         metrics["calibration"] = dict(calibration, achieved_rate=main["metrics"]["retrieval_rate"])
     if "none" in results:
