@@ -266,6 +266,10 @@ def main(cfg: DictConfig) -> Optional[dict]:
             raise RcdError(str(e)) from e
         sys.exit(EXIT_CODE)
     if _in_multirun():  # what a launcher hands back to the sweeper (pickled across processes)
+        from rcd.compare import record_job
+
+        if res.get("run", {}).get("folder"):
+            record_job(res["run"]["folder"])  # the sweep's comparison (rcd.compare.CompareCallback) lists it
         return {"folder": res.get("run", {}).get("folder"), "hash": res.get("run", {}).get("hash")}
     return None
 
