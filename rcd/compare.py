@@ -200,7 +200,7 @@ def compare_task(task: str, entries: list[Entry], baseline: Optional[str] = None
             else:
                 delta = MISSING
                 unpaired.append(str(i + 1))
-            p = dig(r, "metrics.perplexity", {}) or {}
+            p = dig(r, "metrics.scoring_time", {}) or {}
             sec, sec0 = p.get("seconds"), p.get("seconds_none")
             scoring = MISSING if sec is None else f"{sec:.1f}" + (f" ({sec / sec0:.2f}×)" if sec0 else "")
             rows.append([str(i + 1), e.label, fmt_ci(ppl, 2), delta, fmt_rate(stats.retrieval_rate(r)),

@@ -26,8 +26,9 @@ def search_dirs() -> list[Path]:
 
         if HydraConfig.initialized():
             for src in HydraConfig.get().runtime.config_sources:
-                if src.get("provider") == "command-line" and str(src.get("path", "")).startswith("file://"):
-                    dirs.append(Path(src["path"][len("file://"):]))
+                path = str(src.get("path", ""))
+                if src.get("schema") == "file" and src.get("provider") != "main" and path:
+                    dirs.append(Path(path[len("file://"):] if path.startswith("file://") else path))
     except Exception:  # no Hydra run: rcd's configs only
         pass
     return dirs + [CONF]

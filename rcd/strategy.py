@@ -109,8 +109,8 @@ def build(cfg: DictConfig, lm, corpus_ds=None, corpus_name: str = "corpus", data
     control = instantiate(control_cfg)
     schedule_cfg = _section(cfg, "strategy.schedule")
     schedule = instantiate(schedule_cfg) if schedule_cfg is not None else None
-    if schedule is not None and hasattr(schedule, "bind"):
-        schedule.bind(lm.tokenizer)
+    if schedule is not None and hasattr(schedule, "bind_tokenizer"):
+        schedule.bind_tokenizer(lm.tokenizer)
     if hasattr(control, "bind"):
         control.bind(datastore=datastore)
     retrieval = _section(cfg, "strategy.retrieval")

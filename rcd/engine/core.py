@@ -103,8 +103,8 @@ class Engine:
 
             self.schedule = EveryToken() if c.retrieves_itself else Once()
         if self.schedule is not None and getattr(self.schedule, "needs_tokenizer", False) \
-                and getattr(self.schedule, "ends_sentence", 1) is None:
-            self.schedule.bind(self.tok)
+                and getattr(self.schedule, "bound_tokenizer", None) is None:
+            self.schedule.bind_tokenizer(self.tok)  # one the caller bound itself is kept
         base = template or PromptTemplate()
         self.template = c.template(base) if c is not None else base
         self.k, self.query_mode, self.query_tokens = int(k), query, int(query_tokens)

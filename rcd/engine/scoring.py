@@ -65,8 +65,6 @@ class PerplexityResult:
                         "bits_per_byte": float(self.nll.sum() / math.log(2) / max(1, self.n_bytes)),
                         "relative_change": self.ppl(self.nll) / self.ppl(self.nll_none) - 1.0,
                         "retrieval_rate": self.fired / max(1, len(self.nll))})
-        out.update({"seconds": self.seconds if self.nll is not None else self.seconds_none,
-                    "seconds_none": self.seconds_none})  # scoring time with the strategy and the plain forwards
         return out
 
 

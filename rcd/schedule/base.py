@@ -47,9 +47,21 @@ class Schedule(ABC):
         self.batch_size: Optional[int] = None
         self.device = torch.device("cpu")
 
+    #: the tokenizer :meth:`bind_tokenizer` bound last (None: none yet)
+    bound_tokenizer: Any = None
+
     # ------------------------------------------------------------------ life cycle
     def bind(self, tokenizer: Any) -> "Schedule":
-        """Precompute tokenizer-dependent tables (no-op by default). Returns ``self``."""
+        """Precompute tokenizer-dependent tables (no-op by default). Returns ``self``. A schedule that reads
+        tokens overrides this and sets ``needs_tokenizer = True``."""
+        return self
+
+    def bind_tokenizer(self, tokenizer: Any) -> "Schedule":
+        """The public entry rcd calls (rcd.strategy, the engine): :meth:`bind` the model's tokenizer unless this
+        one is bound already. Returns ``self``."""
+        if self.bound_tokenizer is not tokenizer:
+            self.bind(tokenizer)
+            self.bound_tokenizer = tokenizer
         return self
 
     def reset(self, batch_size: int, device: Optional[torch.device | str] = None) -> None:

@@ -77,6 +77,7 @@ class Sentence(Schedule):
 
     def bind(self, tokenizer: Any) -> "Sentence":
         self.ends_sentence = torch.tensor([self.is_boundary(t) for t in decode_vocab(tokenizer)], dtype=torch.bool)
+        self.bound_tokenizer = tokenizer
         self._table_on = {}
         if not bool(self.ends_sentence.any()):
             raise ValueError(

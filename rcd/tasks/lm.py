@@ -132,7 +132,8 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     docs = heldout_docs(lm, heldout_ds, t.eval_tokens, t.get("prefix_token"))
     calibration = calibrate.calibrate_lm(cfg, lm, strategy, docs)  # target_rate: θ from text not evaluated
     ppl = score_docs(lm, docs, strategy, t.window, t.stride)
-    metrics = {"perplexity": ppl.summary()}
+    metrics = {"perplexity": ppl.summary(),  # and the scoring's seconds, with the strategy and the plain forwards alone
+               "scoring_time": {"seconds": ppl.seconds, "seconds_none": ppl.seconds_none}}
     if calibration is not None:
         metrics["calibration"] = dict(calibration, achieved_rate=metrics["perplexity"]["retrieval_rate"])
     # which text was scored: the rule (token_budget) and each document's scored tokens
