@@ -153,6 +153,22 @@ class PromptTemplate:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+    def unwrap(self, tokenizer: Any, text: str) -> Optional[str]:
+        """The user message of ``text`` if ``text`` is this template's chat rendering of one (the model's
+        chat template around it, this template's system message), else None. :meth:`render` of the result with
+        passages puts them inside the user turn, where the engine puts them."""
+        if not self.uses_chat(tokenizer):
+            return None
+        mark = "\u2063rcd-user-message\u2063"
+        wrapped = replace(self, header="", footer="").render(tokenizer, mark)
+        if wrapped.count(mark) != 1:
+            return None
+        head, tail = wrapped.split(mark)
+        if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
+            return text[len(head):len(text) - len(tail)]
+        return None
+
+
 class ContextControl(Control):
     """how = context: the prompt becomes template(passages, prompt) + tokens generated so far.
 

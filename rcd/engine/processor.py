@@ -37,8 +37,10 @@ def processor_for(engine):
 class EngineProcessor:
     """Runs the engine inside ``model.generate``: a LogitsProcessor that replaces the plain scores.
 
-    The prompts are read back from ``input_ids`` (left padding dropped) and re-rendered without a
-    chat wrapper (they already carry one if the caller used it). A control that ``rolls_back``
+    The prompts are read back from ``input_ids`` (left padding dropped). Prompts the caller rendered with the
+    model's chat template are unwrapped to their user message and rendered as the engine renders them (the
+    passages inside the user turn, :meth:`rcd.control.context.PromptTemplate.unwrap`); other prompts are read
+    as raw text, passages before them. A control that ``rolls_back``
     (verify) cannot take back an emitted sentence here: it checks and logs ("reject_kept");
     :meth:`rcd.engine.Engine.generate` regenerates.
     """
@@ -69,8 +71,14 @@ class EngineProcessor:
             prompts.append(e.tok.decode(row[i:], skip_special_tokens=False))
         from rcd.engine.core import Request
 
-        raw = e.template.updated({"chat": "never", "system": None})
-        self.run = Decoding(e, [Request(prompt=p) for p in prompts], max_new=10 ** 9, template=raw, in_generate=True)
+        # a prompt the caller wrapped in the chat template is unwrapped, so passages land inside the user turn as
+        # in Engine.generate; any other prompt is read as raw text (passages before it)
+        users = [e.template.unwrap(e.tok, p) for p in prompts]
+        if all(u is not None for u in users):
+            reqs, template = [Request(prompt=u) for u in users], e.template
+        else:
+            reqs, template = [Request(prompt=p) for p in prompts], e.template.updated({"chat": "never", "system": None})
+        self.run = Decoding(e, reqs, max_new=10 ** 9, template=template, in_generate=True)
         if e.schedule is not None:
             e.schedule.reset(len(prompts), device=torch.device("cpu"))
 
