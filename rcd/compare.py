@@ -94,10 +94,12 @@ def load(folders: Sequence[Path]) -> list[Entry]:
 
 
 def label_rows(entries: list[Entry]) -> list[str]:
-    """Name each entry by the config values that differ between the entries (sorted keys); returns those keys."""
+    """Name each entry by its strategy label and the config values that differ between the entries having them;
+    returns the keys that name rows (``strategy`` when the strategies differ)."""
     flats = [_flat(e.config) for e in entries]
     keys = sorted({k for f in flats for k in f})
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
+    naming: set[str] = set()
     # a row is named by its strategy label, then by each differing value it has that differs among the rows
     # having that key (a plain run has no datastore keys: they do not name it, nor the other rows)
     for e, f in zip(entries, flats):
@@ -111,7 +113,8 @@ def label_rows(entries: list[Entry]) -> list[str]:
                 parts.append(f"{k}={f[k]}")
         strategy = (e.results.get("run") or {}).get("strategy") or f.get("strategy.name") or "?"
         e.label = strategy + (f" ({', '.join(parts)})" if parts else "")
-    return differ
+        naming.update(p.split("=", 1)[0] for p in parts)
+    return sorted(naming) + (["strategy"] if len({e.label.split(" (")[0] for e in entries}) > 1 else [])
 
 
 def _paired(a: Optional[list], b: Optional[list]) -> bool:
