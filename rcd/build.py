@@ -34,6 +34,8 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rcd.paths import conf_dir
+
 log = logging.getLogger("rcd.build")
 
 
@@ -196,7 +198,7 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(f"[rcd.build] {k.ljust(w)}  {v}" for k, v in rows)
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="build")
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="build")
 def main(cfg: DictConfig) -> None:
     from hydra.errors import InstantiationException
 

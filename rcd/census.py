@@ -1,6 +1,6 @@
 """``python -m rcd.census``: the grid's census, every unit × control × schedule cell, runs or refused and why.
 
-Each cell is composed from ``rcd/conf`` as ``+strategy=once strategy/control=<c> strategy/schedule=<s>
+Each cell is composed from rcd's ``conf/`` as ``+strategy=once strategy/control=<c> strategy/schedule=<s>
 datastore=<u>`` and put through the start-up validation every run goes through
 (:func:`rcd.strategy.validate`): a refused cell prints the error a user would get. A cell that runs
 but cannot score a fixed text (its control's ``score_refusal``) is marked "generate only". The
@@ -17,7 +17,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-CONF = Path(__file__).resolve().parent / "conf"
+from rcd.paths import conf_dir
+
+CONF = conf_dir()
 UNITS = ("chunks", "tokens", "tags", "latent")
 
 

@@ -15,7 +15,9 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF = Path(__file__).resolve().parent / "conf"
+from rcd.paths import conf_dir
+
+CONF = conf_dir()
 
 
 def search_dirs() -> list[Path]:

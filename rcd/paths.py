@@ -9,6 +9,18 @@ import os
 from pathlib import Path
 
 
+def conf_dir() -> Path:
+    """The folder of rcd's Hydra configs: the top-level ``conf/`` of a checkout, installed as the package data
+    of ``rcd.conf`` (``[tool.setuptools.package-dir]`` maps it), so a wheel carries it too."""
+    here = Path(__file__).resolve().parents[1] / "conf"
+    if (here / "config.yaml").is_file() and (Path(__file__).resolve().parents[1] / "pyproject.toml").is_file():
+        return here  # a source checkout (editable install or PYTHONPATH)
+    found = package_dir("rcd.conf")
+    if found is None or not (found / "config.yaml").is_file():
+        raise RuntimeError("rcd's configs (package rcd.conf) are missing: reinstall rcd (pip install rcd)")
+    return found
+
+
 def cache_dir(*parts: str) -> Path:
     root = Path(os.environ.get("RCD_CACHE", Path.home() / ".cache" / "rcd")).expanduser()
     p = root.joinpath(*parts)

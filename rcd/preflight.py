@@ -17,7 +17,9 @@ from typing import Optional
 
 from rcd.errors import EXIT_CODE, ConfigError, RcdError
 
-CONF = Path(__file__).resolve().parent / "conf"
+from rcd.paths import conf_dir
+
+CONF = conf_dir()
 
 #: Hydra flags that take a value (``--flag value`` or ``--flag=value``)
 _VALUED = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--info", "-i",

@@ -21,7 +21,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rcd.errors import EXIT_CODE, RcdError
-from rcd.paths import datastore_root, runs_dir
+from rcd.paths import conf_dir, datastore_root, runs_dir
 
 log = logging.getLogger("rcd.run")
 
@@ -252,7 +252,7 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="config")
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> Optional[dict]:
     from hydra.errors import InstantiationException
 

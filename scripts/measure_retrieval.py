@@ -35,7 +35,7 @@ def corpus_from_config(name: str):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(ROOT / "rcd" / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="build", overrides=[f"corpus={name}", "datastore=chunks"])
     return instantiate(cfg.corpus.datastore)
 

@@ -17,7 +17,7 @@ from rcd.errors import RcdError
 from rcd.run import config_hash, execute, finite_json, run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "rcd" / "conf")
+CONF = str(ROOT / "conf")
 
 
 def cfg_for(overrides):

@@ -15,7 +15,7 @@ from rcd import build as build_mod
 from rcd.datastore import registry
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "rcd" / "conf"
+CONF = ROOT / "conf"
 
 ROWS = TEXTS + ["Ay, there's the rub;\nFor in that sleep of death what dreams may come\n",
                 "When we have shuffled off this mortal coil,\nMust give us pause.\n"]

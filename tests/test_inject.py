@@ -176,7 +176,7 @@ def test_latent_memories_default_to_l2():
     from rcd.datastore import latent
 
     assert latent.LatentParams().memory_metric == "l2" and latent.LatentParams().index_spec("memory_").metric == "l2"
-    assert OmegaConf.load(Path(__file__).resolve().parents[1] / "rcd" / "conf" / "datastore" / "latent.yaml").memory_metric == "l2"
+    assert OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "datastore" / "latent.yaml").memory_metric == "l2"
 
 
 def test_knn_attention_in_the_engine(tiny_lm):

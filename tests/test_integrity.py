@@ -79,7 +79,7 @@ def test_rcd_build_verify_reads_every_byte(tmp_path, monkeypatch):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"Sentence {i} about the king. Another one {i}."}) + "\n"
                               for i in range(20)))
-    conf = os.path.join(os.path.dirname(__file__), "..", "rcd", "conf")
+    conf = os.path.join(os.path.dirname(__file__), "..", "conf")
     with initialize_config_dir(config_dir=os.path.abspath(conf), version_base=None):
         cfg = compose(config_name="build", overrides=[
             "datastore=tags", "datastore.retriever=bm25", "corpus=files", f"corpus.datastore.data_files={corpus}",

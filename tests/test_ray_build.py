@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "rcd" / "conf"
+CONF = ROOT / "conf"
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install rcd[ray]")
 

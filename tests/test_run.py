@@ -11,7 +11,7 @@ from rcd import strategy as strategy_mod
 from rcd.corpus import CorpusError
 from rcd.run import config_hash, execute
 
-CONF = str(Path(__file__).resolve().parents[1] / "rcd" / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def cfg_for(overrides):

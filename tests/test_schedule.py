@@ -10,7 +10,7 @@ import torch
 
 from rcd.schedule import SCHEDULES, Adaptive, EveryN, EveryToken, Once, Schedule, Sentence, decode_vocab
 
-CONF = Path(__file__).resolve().parents[1] / "rcd" / "conf" / "strategy" / "schedule"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "strategy" / "schedule"
 
 
 class FakeTok:

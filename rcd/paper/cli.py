@@ -55,7 +55,7 @@ def root_of(spec: dict, runs: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ run
-#: --launcher names -> Hydra launcher configs (rcd/conf/hydra/launcher/), and the override that bounds
+#: --launcher names -> Hydra launcher configs (conf/hydra/launcher/), and the override that bounds
 #: how many runs go at once (--jobs). Any other name is passed to hydra/launcher= as is.
 LAUNCHERS = {
     "basic": ("basic", None),  # Hydra's own: one run after another, in the sweep's process
@@ -404,7 +404,7 @@ def main(argv=None, project: Path | None = None) -> None:
                     help="runs at once (default: the number of cores at small scale, where each run has 1 thread; "
                          "1 at full scale)")
     ap.add_argument("--launcher", default=None,
-                    help=f"Hydra launcher of the runs: {', '.join(LAUNCHERS)} (rcd/conf/hydra/launcher/), or any "
+                    help=f"Hydra launcher of the runs: {', '.join(LAUNCHERS)} (conf/hydra/launcher/), or any "
                          "hydra/launcher name; default: processes when --jobs > 1 and rcd[cluster] is installed, else basic")
     ap.add_argument("--launcher-override", nargs="*", metavar="KEY=VALUE",
                     help="extra Hydra overrides of the sweep, e.g. hydra.launcher.partition=gpu")

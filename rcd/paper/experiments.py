@@ -40,7 +40,9 @@ from typing import Any, Optional, Sequence
 
 
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from rcd.paths import conf_dir
+
+CONF = conf_dir()
 SCALES = ("small", "full")
 MISSING = "–"  # how a value that no run computed prints
 
