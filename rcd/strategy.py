@@ -97,7 +97,11 @@ def build(cfg: DictConfig, lm, corpus_ds=None, corpus_name: str = "corpus", data
     name = cell_label(cfg)  # the preset's name, or the composition when an axis was overridden
     control_cfg = _section(cfg, "strategy.control")
     if control_cfg is None:
-        return Strategy(name=name)
+        strat = Strategy(name=name)
+        if OmegaConf.select(cfg, "engine.name") not in (None, "hf"):  # the plain model on another engine
+            from rcd.engine import from_config
+            strat.engine = from_config(lm, None, cfg, task=str(OmegaConf.select(cfg, "task.name") or "generate"))
+        return strat
     ds_cfg = cfg.datastore
     from rcd.datastore.base import build_lock
     from rcd.paths import cache_dir

@@ -91,6 +91,22 @@ class KNNInterpolation(LogitsControl):
     def prepare(self, lm, eos_ids) -> None:
         resolve_layer(lm.model, key_layer(self.datastore))  # a layer the model lacks fails at start-up
 
+    # ------------------------------------------------------------------ inside vLLM (rcd.engine.vllm_engine)
+    def vllm_request(self, engine) -> dict:
+        """This request's arguments for vLLM's :class:`rcd.engine.vllm_plugin.KnnMixture` (λ, k, T per request)."""
+        from rcd.engine.vllm_plugin import KNN_ARGS, register_store
+
+        return {KNN_ARGS: {"store": register_store(self.datastore), "lmbda": self.lmbda, "k": self.k,
+                           "temperature": self.temperature}}
+
+    def vllm_refusal(self) -> Optional[str]:
+        """vLLM hands out the LM head's input only: keys of another layer cannot be queried there."""
+        layer = key_layer(self.datastore)
+        if layer != "final":
+            return (f"the datastore's keys come from layer {layer}; inside vLLM only the LM head's input is seen "
+                    "(build the tokens datastore with datastore.layer=final)")
+        return None
+
     def attach(self, model, run=None) -> "KNNInterpolation":
         """Capture the query states at the key layer during the next forwards."""
         self.detach()

@@ -73,6 +73,9 @@ class Engine:
     (a list that receives every step's log-probabilities, for tests and debugging).
     """
 
+    #: which engine runs the forwards (``engine=hf|vllm``)
+    kind = "hf"
+
     def __init__(self, lm, strategy=None, *, template: Optional[PromptTemplate] = None, k: int = 3,
                  query: str = "auto", query_tokens: int = 32, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, seed: int = 0, batch_size: int = 8, tag_format: str = " {tag}",
@@ -257,9 +260,10 @@ class Engine:
         outs = [self._generate_batch(reqs[i:i + self.batch_size], max_new_tokens or self.max_new_tokens, i)
                 for i in range(0, len(reqs), self.batch_size)]
         cost = self.new_cost()
-        for o in outs:
-            for key in ("retrievals", "retrieval_s", "model_s", "tokens", "steps", "wall_s", "reused_tokens"):
-                cost[key] += o.cost[key]
+        for o in outs:  # counters add up over batches (an engine's own counters too, e.g. vLLM's)
+            for key, v in o.cost.items():
+                if key != "ttft" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    cost[key] = cost.get(key, 0) + v
         ttfts = [o.cost["ttft"] for o in outs if o.cost["ttft"] is not None]
         cost["ttft"] = sum(ttfts) / len(ttfts) if ttfts else None
         cost["batches"] = len(outs)
@@ -302,7 +306,8 @@ class Engine:
 
 def from_config(lm, strategy, cfg=None, *, task: str = "generate", provenance: Optional[list] = None,
                 **overrides: Any) -> Engine:
-    """An :class:`Engine` for ``strategy`` with ``strategy.retrieval`` and ``task.template`` of ``cfg``.
+    """An :class:`Engine` for ``strategy`` with ``strategy.retrieval`` and ``task.template`` of ``cfg``; a
+    :class:`rcd.engine.vllm_engine.VllmEngine` when ``cfg.engine.name`` is ``vllm``.
 
     ``strategy.retrieval`` (optional): ``k``, ``query``, ``query_tokens``, ``tag_format``;
     ``task.template`` (optional): :class:`PromptTemplate` fields. ``overrides`` win.
@@ -326,4 +331,12 @@ def from_config(lm, strategy, cfg=None, *, task: str = "generate", provenance: O
     if long_prompt is not None:
         kwargs["long_prompt"] = long_prompt
     kwargs.update(overrides)
+    node = section("engine")
+    kind = node.get("name", "hf")
+    if kind == "vllm":
+        from rcd.engine.vllm_engine import VllmEngine
+
+        return VllmEngine(lm, strategy, task=task, provenance=provenance, vllm=node, **kwargs)
+    if kind != "hf":
+        raise EngineError(f"engine.name={kind!r} is not one of ['hf', 'vllm'] (engine=hf|vllm)")
     return Engine(lm, strategy, task=task, provenance=provenance, **kwargs)

@@ -57,6 +57,11 @@ class Adaptive(Schedule):
         if threshold is not None:
             self._set_threshold(float(threshold))
 
+    @property
+    def probs_read(self) -> str:
+        """max_prob reads only max_v p_v; entropy reads the whole distribution."""
+        return "max" if self.mode == "max_prob" else "full"
+
     def params(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold,

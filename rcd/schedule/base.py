@@ -40,6 +40,9 @@ class Schedule(ABC):
     needs_tokenizer: bool = False
     #: registry name (config-group file name)
     name: str = "schedule"
+    #: what :meth:`should_fire` reads of ``probs``: ``"full"`` (the distribution) or ``"max"`` (only max_v p_v;
+    #: an engine that knows only the top token's probability, vLLM, can then run the schedule)
+    probs_read: str = "full"
 
     def __init__(self) -> None:
         self.fired = 0
@@ -136,6 +139,12 @@ class Schedule(ABC):
     def params(self) -> dict[str, Any]:
         """Constructor parameters, for logs and result tables."""
         return {}
+
+    def quiet_steps(self, step: int) -> Optional[int]:
+        """A hint, never a decision: m such that steps ``step+1 .. step+m`` will not fire whatever the tokens,
+        asked after the decision at ``step`` (None: unknown). vLLM asks for m + 1 tokens at once then
+        (:mod:`rcd.engine.vllm_engine`); every step is still asked through :meth:`should_fire`."""
+        return None
 
     def stats(self) -> dict[str, Any]:
         """``{"schedule", "asked", "fired", "retrieval_rate", **params}``."""

