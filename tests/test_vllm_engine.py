@@ -232,5 +232,79 @@ def test_logits_controls_without_a_vllm_form_are_refused(vlm):
     from rcd.engine.vllm_engine import VllmEngine
 
     s = Strategy("replug", datastore=FakeChunks(DOCS), control=ReplugEnsemble(), schedule=Once())
+    with pytest.raises(EngineError, match="engine=hf") as e:
+        VllmEngine(vlm, s, k=2, vllm={"max_model_len": 512})
+    assert "views" in str(e.value)
+    from rcd.control.cad import ContextAwareDecoding
+
+    s = Strategy("cad", datastore=FakeChunks(DOCS), control=ContextAwareDecoding(), schedule=Once())
     with pytest.raises(EngineError, match="engine=hf"):
         VllmEngine(vlm, s, k=2, vllm={"max_model_len": 512})
+
+
+@pytest.mark.parametrize("schedule", [lambda: Once(), lambda: Sentence(boundary=" ", min_tokens=3)],
+                         ids=["once", "sentence"])
+def test_tag_bias_tokens_and_logprobs_equal_the_hf_engine(vlm, schedule):
+    """Tag bias with continuation: the control's apply inside vLLM (TagBiasMixture) = the HF engine's."""
+    from rcd.control.tag_bias import TagBias
+    from rcd.engine.vllm_engine import VllmEngine
+    from test_engine import FakeTags
+
+    def strat():
+        return Strategy("tags", datastore=FakeTags(), control=TagBias(beta=3.0, continuation=True), schedule=schedule())
+
+    trace_hf, trace_vl = [], []
+    a = Engine(vlm, strat(), k=4, max_new_tokens=10, stop_at_eos=False, tag_format="{tag}", trace=trace_hf).generate(PROMPTS)
+    b = VllmEngine(vlm, strat(), k=4, max_new_tokens=10, stop_at_eos=False, tag_format="{tag}", trace=trace_vl,
+                   vllm={"max_model_len": 512, "kv_cache_gib": 1, "segment_tokens": 4}).generate(PROMPTS)
+    plain = Engine(vlm, None, max_new_tokens=10, stop_at_eos=False).generate(PROMPTS)
+    assert b.token_ids == a.token_ids
+    assert a.token_ids != plain.token_ids  # the bias steers
+    assert b.fired == a.fired
+    hf = {(bb, r["step"]): float(r["logprobs"][bb, a.token_ids[bb][r["step"]]]) for r in trace_hf for bb in range(3)}
+    d = max(abs(hf[(r["row"], r["step"])] - r["logprob"]) for r in trace_vl)
+    assert d < 2e-4
+
+
+def test_span_filter_tokens_equal_the_hf_engine(vlm):
+    """The span filter inside vLLM (SpanFilterMask): the same extracted spans, ended by eos, as on HF."""
+    from rcd.control.span_filter import SpanFilter
+    from rcd.engine.vllm_engine import VllmEngine
+
+    def strat():
+        return Strategy("span", datastore=FakeChunks(DOCS), control=SpanFilter(), schedule=Once())
+
+    a = Engine(vlm, strat(), k=2, max_new_tokens=16).generate(PROMPTS)
+    b = VllmEngine(vlm, strat(), k=2, max_new_tokens=16, vllm={"max_model_len": 512, "kv_cache_gib": 1}).generate(PROMPTS)
+    assert b.token_ids == a.token_ids
+    assert all(any(t in d for d in DOCS) for t in a.texts)  # each answer is a span of a retrieved passage
+    assert any(len(t) > 1 for t in a.texts)
+
+
+@pytest.mark.parametrize("preset", ["none", "per_token"])
+def test_rcd_run_on_vllm_gives_the_hf_engines_numbers(vlm, tmp_path, preset):
+    """rcd.run with engine=vllm (perplexity and generation of the LM task) = engine=hf on the same config: the
+    same perplexities, the same continuations; the two runs live in different folders."""
+    import json
+
+    from conftest import TEXTS
+    from rcd.paper.experiments import compose
+    from rcd.run import execute
+
+    corpus, held = tmp_path / "corpus.jsonl", tmp_path / "held.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:2]))
+    held.write_text(json.dumps({"text": TEXTS[2]}) + "\n")
+    common = [f"+strategy={preset}", f"model.name={vlm.source}", "model.dtype=float32", "corpus=files",
+              f"corpus.datastore.data_files={corpus}", f"corpus.heldout.data_files={held}", "task.eval_tokens=60",
+              "task.max_new_tokens=6", "task.window=32", "task.stride=16", f"datastore_root={tmp_path / 'ds'}",
+              "progress=false", f"runs_root={tmp_path / 'runs'}", "task.prompts=[to be or,the sea]",
+              "strategy.control.temperature=5" if preset == "per_token" else "seed=0"]
+    hf = execute(compose(common + ["engine=hf"]))
+    vl = execute(compose(common + ["engine=vllm", "engine.max_model_len=512", "engine.kv_cache_gib=1"]))
+    assert hf["run"]["folder"] != vl["run"]["folder"]
+    ph, pv = hf["metrics"]["perplexity"], vl["metrics"]["perplexity"]
+    assert pv["perplexity_none"] == pytest.approx(ph["perplexity_none"], rel=1e-4)
+    if preset == "per_token":
+        assert pv["perplexity"] == pytest.approx(ph["perplexity"], rel=1e-4)
+        assert abs(ph["perplexity"] / ph["perplexity_none"] - 1) > 1e-3
+    assert vl["samples"] == hf["samples"]

@@ -92,8 +92,8 @@ class KNNInterpolation(LogitsControl):
         resolve_layer(lm.model, key_layer(self.datastore))  # a layer the model lacks fails at start-up
 
     # ------------------------------------------------------------------ inside vLLM (rcd.engine.vllm_engine)
-    def vllm_request(self, engine) -> dict:
-        """This request's arguments for vLLM's :class:`rcd.engine.vllm_plugin.KnnMixture` (λ, k, T per request)."""
+    def vllm_args(self, engine, evidence=None, generated=()) -> dict:
+        """A request's ``extra_args`` for vLLM's :class:`rcd.engine.vllm_plugin.KnnMixture` (λ, k, T per request)."""
         from rcd.engine.vllm_plugin import KNN_ARGS, register_store
 
         return {KNN_ARGS: {"store": register_store(self.datastore), "lmbda": self.lmbda, "k": self.k,

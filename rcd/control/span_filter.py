@@ -103,6 +103,22 @@ class SpanFilter(LogitsControl):
         self.set_evidence([[run.engine.encode(p.text) for p in ps] if run.has_evidence[b] else None
                            for b, ps in enumerate(run.passages)], start=0)
 
+    # ------------------------------------------------------------------ inside vLLM (rcd.engine.vllm_engine)
+    def vllm_evidence(self, run, row: int) -> Optional[dict]:
+        """Right after row ``row`` fired: its evidence token sequences (the answer starts at its first token)."""
+        if not bool(run.has_evidence[row]):
+            return None
+        return {"seqs": [run.engine.encode(p.text) for p in run.passages[row]], "start": 0}
+
+    def vllm_args(self, engine, evidence: Optional[dict], generated: Sequence[int] = ()) -> Optional[dict]:
+        """``extra_args`` of a segment for :class:`rcd.engine.vllm_plugin.SpanFilterMask` (this control's apply)."""
+        if evidence is None:
+            return None
+        from rcd.engine.vllm_plugin import SPAN_ARGS
+
+        return {SPAN_ARGS: {"seqs": evidence["seqs"], "eos": list(self.eos), "allow_eos": self.allow_eos,
+                            "since": list(generated[evidence["start"]:])}}
+
     def score_window(self, scorer, win):
         raise ControlError(self.score_refusal)
 

@@ -81,6 +81,22 @@ class TagBias(LogitsControl):
         self.set_evidence([[t for t, _ in row] for row in self._rows], [[w for _, w in row] for row in self._rows],
                           start=run.step_no)
 
+    # ------------------------------------------------------------------ inside vLLM (rcd.engine.vllm_engine)
+    def vllm_evidence(self, run, row: int) -> dict:
+        """Right after row ``row`` fired: its tags, weights and the step they arrived at (kept by the engine)."""
+        tags = self._rows[row]
+        return {"tags": [list(t) for t, _ in tags], "weights": [float(w) for _, w in tags], "start": int(run.step_no)}
+
+    def vllm_args(self, engine, evidence: Optional[dict], generated: Sequence[int] = ()) -> Optional[dict]:
+        """``extra_args`` of a segment for :class:`rcd.engine.vllm_plugin.TagBiasMixture`: this control's
+        apply on the row's evidence, with the tokens generated since it arrived (continuation)."""
+        if evidence is None or not evidence["tags"]:
+            return None
+        from rcd.engine.vllm_plugin import TAG_ARGS
+
+        return {TAG_ARGS: {"tags": evidence["tags"], "weights": evidence["weights"], "beta": self.beta,
+                           "continuation": self.continuation, "since": list(generated[evidence["start"]:])}}
+
     def _build(self, vocab: int, device: torch.device) -> torch.Tensor:
         assert self.tags is not None
         bias = torch.zeros(len(self.tags), vocab, dtype=torch.float32)

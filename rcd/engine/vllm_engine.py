@@ -13,6 +13,10 @@ cost are the same code) whose forwards run in vLLM. What it runs, and how:
   prompt. Greedy, this gives the tokens of the HF decoding loop: every token is chosen from the same
   conditional. A schedule may say how many steps it will not fire (``Schedule.quiet_steps``); other
   segments are ``engine.segment_tokens`` long.
+* **tag bias** (``tags``, continuation included) and the **span filter**: segments as above; the row's
+  evidence after each firing (the control's ``vllm_evidence``) goes with each segment (``vllm_args``) to
+  :class:`rcd.engine.vllm_plugin.TagBiasMixture` / :class:`rcd.engine.vllm_plugin.SpanFilterMask`, which run
+  the control's own ``apply`` inside vLLM.
 * **kNN-LM** (``per_token``): a tokens datastore keyed at ``layer=final`` is mixed inside vLLM by
   :class:`rcd.engine.vllm_plugin.KnnMixture`, λ, k and T per request (``SamplingParams.extra_args``).
 * **Perplexity** (``task=lm``) of ``none`` and kNN-LM from vLLM's prompt log-probabilities, in the windows
@@ -20,6 +24,9 @@ cost are the same code) whose forwards run in vLLM. What it runs, and how:
 
 Everything else (logits controls other than kNN-LM, KV injection, multi-view controls, a control that
 takes tokens back, adaptive on entropy) is refused at start-up, naming ``engine=hf``.
+
+``trace`` (a list) receives ``{row, step, token, logprob}`` per generated token: vLLM's log p of the token
+it chose (after rcd's logits processors), for parity checks against the HF engine's trace.
 
 Cost: the engine's cost dict plus vLLM's counters: ``prompt_tokens`` (tokens submitted),
 ``cached_tokens`` (of those, served from vLLM's prefix cache: ``reused_tokens``), ``prefilled_tokens``
@@ -35,7 +42,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -99,7 +106,7 @@ def shared_llm(lm, settings: VllmSettings):
     """The process's vLLM ``LLM`` for model ``lm`` under ``settings`` (started once, ~20 s for SmolLM2 on a
     2-core CPU). The model must be a folder or hub id vLLM can load (``lm.source``)."""
     max_len = settings.max_model_len or lm.context_length or 2048
-    key = (str(lm.source), str(lm.dtype), int(max_len), settings)
+    key = (str(lm.source), str(lm.dtype), int(max_len), replace(settings, segment_tokens=1))  # what vLLM is started with
     llm = _LLMS.get(key)
     if llm is not None:
         return llm
@@ -123,8 +130,8 @@ def shared_llm(lm, settings: VllmSettings):
     llm = LLM(model=str(lm.source), dtype=dtype, max_model_len=int(max_len), enforce_eager=settings.enforce_eager,
               enable_prefix_caching=settings.prefix_caching, gpu_memory_utilization=settings.gpu_memory_utilization,
               max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=max(int(max_len), 2048),
-              skip_tokenizer_init=True, seed=0, logprobs_mode="processed_logprobs", max_logprobs=1,
-              logits_processors=[vllm_plugin.KnnMixture])
+              skip_tokenizer_init=True, seed=0, disable_log_stats=False, logprobs_mode="processed_logprobs", max_logprobs=1,
+              logits_processors=[vllm_plugin.KnnMixture, vllm_plugin.TagBiasMixture, vllm_plugin.SpanFilterMask])
     _LLMS[key] = llm
     return llm
 
@@ -135,25 +142,34 @@ def refusal(control, schedule, task: str) -> Optional[str]:
         return None
     cls = type(control)
     label = cls.__name__
-    if getattr(control, "vllm_request", None) is not None:  # a logits control with a vLLM form (kNN-LM)
-        why = control.vllm_refusal() if hasattr(control, "vllm_refusal") else None
-        if why:
-            return f"control {label}: {why}"
+    has_form = getattr(control, "vllm_args", None) is not None  # a logits control with a vLLM form
+    why = control.vllm_refusal() if has_form and hasattr(control, "vllm_refusal") else None
+    if why:
+        return f"control {label}: {why}"
+    if has_form and control.retrieves_itself:  # kNN-LM: searches inside vLLM's logits processor, every token
         if schedule is not None and not every_step(schedule):
             return (f"control {label} mixes inside vLLM at every token; schedule {type(schedule).__name__} fires at "
                     "some steps only")
         return None
     if task == "lm":
         return f"control {label}: perplexity on vLLM covers none and kNN-LM (per_token) only"
+    if has_form:  # evidence-driven logits control (tag bias): its processor runs inside vLLM, per segment
+        return _schedule_refusal(schedule)
+    if control.views(1) != 1 or control.views(8) != 1:
+        return (f"control {label} combines several views (prompts) per row at every step; vLLM's batch-level "
+                "logits processor sees the rows of one step but vLLM does not promise to schedule a request's "
+                "views together (preemption, chunked prefill), so their mixture cannot be kept in lockstep")
     overridden = [m for m in ("logprobs", "kv_prefix", "attach", "after_step", "before_forward")
                   if getattr(cls, m) is not getattr(Control, m)]
     if overridden or control.acts_in_forward or control.rolls_back or control.retrieves_itself:
         return (f"control {label} acts in the model's forward pass or its distribution ({', '.join(overridden) or 'hooks'}"
                 "); vLLM runs controls that only put passages into the prompt, and kNN-LM")
-    if control.views(1) != 1 or control.views(8) != 1:
-        return f"control {label} reads several views per row (one prompt per row in vLLM)"
     if not control.rebuilds_prompt:
         return f"control {label} does not change the prompt"
+    return _schedule_refusal(schedule)
+
+
+def _schedule_refusal(schedule) -> Optional[str]:
     if schedule is not None and schedule.needs_probs and getattr(schedule, "probs_read", "full") != "max":
         return (f"schedule {type(schedule).__name__} reads the whole next-token distribution; vLLM reports the top "
                 "token's probability only (adaptive mode=max_prob reads just that)")
@@ -178,6 +194,7 @@ class _Row(Decoding):
         self.schedule = schedule
         self.index = index  # the row's number in the engine's call (provenance)
         self.decided = False  # the schedule was asked at step len(gen) already (it fired there)
+        self.evidence = None  # the control's vllm_evidence(run, 0) after the row's last firing
 
     @property
     def step(self) -> int:
@@ -231,9 +248,12 @@ class VllmEngine(Engine):
             cost["prefilled_tokens"] = cost.get("prefilled_tokens", 0) + len(p) - cached
         return outs
 
-    def _extra(self) -> Optional[dict]:
+    def _extra(self, row: Optional[_Row] = None) -> Optional[dict]:
+        """``extra_args`` of a request: the control's vLLM form for the row's evidence and tokens (None: none)."""
         c = self.control
-        return c.vllm_request(self) if c is not None and getattr(c, "vllm_request", None) is not None else None
+        if c is None or getattr(c, "vllm_args", None) is None:
+            return None
+        return c.vllm_args(self, None if row is None else row.evidence, [] if row is None else row.gen[0])
 
     # ------------------------------------------------------------------ generation
     def _generate_batch(self, reqs: list[Request], max_new: int, offset: int) -> Output:
@@ -253,7 +273,6 @@ class VllmEngine(Engine):
             rows.append(_Row(self, r, max_new, s, offset + len(rows)))
         cost = self.new_cost()
         cost["segments"] = 0
-        extra = self._extra()
         ttft = None
         active = list(range(len(rows)))
         while active:
@@ -267,14 +286,16 @@ class VllmEngine(Engine):
                 row = rows[i]
                 n = self._segment_len(row, max_new)
                 prompts.append(row.seqs([0])[0])
-                params.append(self._params(n, logprobs=row.schedule is not None and row.schedule.needs_probs,
-                                           seed=self.seed + offset + i + 31 * row.step, extra=extra))
+                want_lp = self.trace is not None or (row.schedule is not None and row.schedule.needs_probs)
+                params.append(self._params(n, logprobs=want_lp,
+                                           seed=self.seed + offset + i + 31 * row.step, extra=self._extra(row)))
             outs = self._submit(prompts, params, cost)
             cost["segments"] += len(prompts)
             if ttft is None:
-                firsts = [o.metrics.first_token_ts - o.metrics.arrival_time for o in outs
-                          if getattr(o, "metrics", None) is not None and getattr(o.metrics, "first_token_ts", 0)]
-                ttft = min(firsts) if firsts else time.perf_counter() - t_start
+                firsts = [float(o.metrics.first_token_latency) for o in outs  # vLLM's own per-request counter
+                          if getattr(o, "metrics", None) is not None and getattr(o.metrics, "first_token_latency", 0)]
+                ttft = (time.perf_counter() - t_start - (cost["model_s"] - min(firsts))) if firsts \
+                    else time.perf_counter() - t_start  # rcd's time before the call + vLLM's first-token latency
             still = []
             for i, o in zip(active, outs):
                 row = rows[i]
@@ -333,6 +354,8 @@ class VllmEngine(Engine):
         if fire:
             n0 = len(self.provenance)
             self.control.on_fire(row, [0])
+            if hasattr(self.control, "vllm_evidence"):  # snapshot now: the control's state is per call, not per row
+                row.evidence = self.control.vllm_evidence(row, 0)
             for rec in self.provenance[n0:]:
                 rec["row"] = row.index
         return fire
@@ -351,6 +374,9 @@ class VllmEngine(Engine):
                 if self._decide(row, probs):
                     return  # the segment is cut here: the row continues from the new prompt
             row.decided = False
+            if self.trace is not None:  # {row, step, token, logprob}: vLLM's log p of each chosen token
+                self.trace.append({"row": row.index, "step": row.step, "token": int(tok),
+                                   "logprob": float(lps[j][tok].logprob)})
             row.gen[0].append(int(tok))
 
     # ------------------------------------------------------------------ scoring
@@ -375,6 +401,9 @@ class VllmEngine(Engine):
         nll = np.zeros(n - 1, dtype=np.float64) if self.control is not None else None
         c = self.control
         extra = self._extra()
+        if c is not None and extra is None:
+            raise EngineError(f"engine=vllm scores a text plainly or under kNN-LM; control {type(c).__name__} "
+                              "scores on engine=hf")
         if c is None:
             outs = self._submit([ids[b:e] for b, e, _ in wins],
                                 [self._params(1, logprobs=False, prompt_logprobs=0) for _ in wins], cost)

@@ -188,3 +188,90 @@ class KnnMixture(_base()):
             CAPTURE.searches += len(rows)
             CAPTURE.search_s += time.perf_counter() - t0
         return logits
+
+
+#: the keys of rcd's evidence-driven controls' arguments in ``SamplingParams.extra_args``
+TAG_ARGS = "rcd_tags"
+SPAN_ARGS = "rcd_span"
+
+
+class _EvidenceProcessor(_base()):
+    """Per request: an rcd logits control rebuilt from the request's ``extra_args[key]`` (its evidence), and
+    its own ``apply`` on the row's logits with the tokens generated since the evidence arrived (``since``,
+    the tokens of earlier segments, + this request's output so far) as ``input_ids``."""
+
+    key = ""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self.rows: dict[int, tuple] = {}  # batch index -> (control, tokens before this request, live output list)
+
+    @classmethod
+    def make(cls, args: dict):
+        raise NotImplementedError
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update) -> None:
+        if batch_update is None:
+            return
+        for i in batch_update.removed:
+            self.rows.pop(i, None)
+        for i, params, _prompt, out in batch_update.added:
+            args = (params.extra_args or {}).get(self.key) if params is not None else None
+            if args is None:
+                self.rows.pop(i, None)
+            else:
+                self.rows[i] = (self.make(args), list(args.get("since", ())), out)
+        from vllm.v1.sample.logits_processor import MoveDirectionality
+
+        for a, b, how in batch_update.moved:
+            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if ra is not None:
+                self.rows[b] = ra
+            if how == MoveDirectionality.SWAP and rb is not None:
+                self.rows[a] = rb
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        for i, (control, since, out) in self.rows.items():
+            if i >= logits.shape[0]:
+                continue
+            ids = torch.tensor([since + list(out)], dtype=torch.long)
+            logits[i] = control.apply(logits[i:i + 1].float(), input_ids=ids)[0].to(logits.dtype)
+        return logits
+
+
+class TagBiasMixture(_EvidenceProcessor):
+    """:class:`rcd.control.tag_bias.TagBias` inside vLLM: log p' = log_softmax(log p + β·(b + c)), b from the
+    tags' first tokens, c from tags begun since the evidence arrived."""
+
+    key = TAG_ARGS
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        args = (sampling_params.extra_args or {}).get(TAG_ARGS)
+        if args is not None and len(args.get("tags", ())) != len(args.get("weights", ())):
+            raise ValueError(f"extra_args[{TAG_ARGS!r}]: as many weights as tags")
+
+    @classmethod
+    def make(cls, args: dict):
+        from rcd.control.tag_bias import TagBias
+
+        tb = TagBias(beta=float(args["beta"]), continuation=bool(args["continuation"]))
+        tb.set_evidence([args["tags"]], [args["weights"]], start=0)
+        return tb
+
+
+class SpanFilterMask(_EvidenceProcessor):
+    """:class:`rcd.control.span_filter.SpanFilter` inside vLLM: only continuations of the evidence's spans (and
+    eos) keep probability mass, renormalised."""
+
+    key = SPAN_ARGS
+
+    @classmethod
+    def make(cls, args: dict):
+        from rcd.control.span_filter import SpanFilter
+
+        sf = SpanFilter(eos_token_id=list(args["eos"]), allow_eos=bool(args["allow_eos"]))
+        sf.set_evidence([args["seqs"]], start=0)
+        return sf
