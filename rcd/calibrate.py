@@ -17,6 +17,7 @@ step-0 firings (``fire_at_start``) included: θ is set so the free steps fire at
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -119,6 +120,12 @@ def engine_confidences(engine, schedule, requests: list) -> tuple[torch.Tensor, 
     out, forced = [], 0
     for rec in trace:
         step = rec["step"]
+        if "top_logprob" in rec:  # engine=vllm: one record per row and step, max_v p_v only (probs_read="max")
+            if step == 0 and schedule.fire_at_start:
+                forced += 1
+            else:
+                out.append(schedule.confidence(torch.tensor([[math.exp(rec["top_logprob"])]])))
+            continue
         active = [b for b, g in enumerate(rec["gen"]) if len(g) == step]
         if not active:
             continue

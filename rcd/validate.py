@@ -171,15 +171,51 @@ def check_strategy(cfg: DictConfig) -> None:
     from rcd import strategy as strategy_mod
 
     strategy_mod.validate(cfg)
+    built = {}
     for axis in ("control", "schedule"):
         node = OmegaConf.select(cfg, f"strategy.{axis}")
         if isinstance(node, DictConfig) and node.get("_target_"):
-            _build_axis(node, f"strategy.{axis}")
+            built[axis] = _build_axis(node, f"strategy.{axis}")
+    check_engine(cfg, built.get("control"), built.get("schedule"))
     retrieval = OmegaConf.select(cfg, "strategy.retrieval")
     if isinstance(retrieval, DictConfig):
         for key in ("k", "query_tokens", "min_query_tokens"):
             if key in retrieval:
                 positive_int(f"strategy.retrieval.{key}", retrieval[key])
+
+
+def check_engine(cfg: DictConfig, control=None, schedule=None) -> None:
+    """``engine=hf|vllm``: its keys, that vLLM imports, and that vLLM can run this cell (its control and
+    schedule, the datastore's key layer, the task) — before any model or datastore loads."""
+    node = OmegaConf.select(cfg, "engine")
+    name = "hf" if node is None else node.get("name", "hf")
+    one_of("engine.name", name, ("hf", "vllm"))
+    if name != "vllm":
+        return
+    from types import SimpleNamespace
+
+    from rcd.engine.core import EngineError
+    from rcd.engine.vllm_engine import VllmSettings, refusal, vllm_available
+
+    try:
+        VllmSettings.from_config(OmegaConf.to_container(node, resolve=True))
+    except (EngineError, TypeError, ValueError) as e:
+        raise ConfigError("engine", str(e)) from None
+    why = vllm_available()
+    if why:
+        raise ConfigError("engine", f"engine=vllm: {why}")
+    task = str(OmegaConf.select(cfg, "task.name") or "")
+    if task == "lm_knn_grid":
+        raise ConfigError("engine", "task=lm_knn_grid scores its grid of (k, λ) on the HF model's hidden states; "
+                                    "run it with engine=hf")
+    if control is not None:
+        layer = OmegaConf.select(cfg, "datastore.layer")
+        if layer is not None and getattr(control, "datastore", None) is None:  # the key layer the build will use
+            control.datastore = SimpleNamespace(manifest={"layer": str(layer)})
+        why = refusal(control, schedule, task)
+        if why:
+            raise ConfigError("engine", f"engine=vllm cannot run strategy {OmegaConf.select(cfg, 'strategy.name')!r}: "
+                                        f"{why}; run it with engine=hf")
 
 
 # ---------------------------------------------------------------- tasks (helpers for their validate())

@@ -83,6 +83,7 @@ def test_greedy_tokens_equal_the_hf_engine(vlm, make, theta):
         qb = [(r["row"], r["step"], r["query"]) for r in b.provenance]
         assert sorted(qb) == sorted(qa)
         assert b.cost["vllm_calls"] >= 1 and b.cost["prompt_tokens"] >= b.cost["prefilled_tokens"]
+    assert 0 < b.cost["ttft"] <= b.cost["wall_s"]
 
 
 def test_adaptive_fires_at_some_steps_only(vlm, theta):
@@ -308,3 +309,40 @@ def test_rcd_run_on_vllm_gives_the_hf_engines_numbers(vlm, tmp_path, preset):
         assert pv["perplexity"] == pytest.approx(ph["perplexity"], rel=1e-4)
         assert abs(ph["perplexity"] / ph["perplexity_none"] - 1) > 1e-3
     assert vl["samples"] == hf["samples"]
+
+
+def test_calibration_confidences_equal_the_hf_engines(vlm):
+    """target_rate: the confidences θ is fitted on (max_v p_v at every step after the step-0 retrieval) come
+    from vLLM's top log-probability and equal the HF engine's, so the calibrated θ is the same."""
+    from rcd.calibrate import engine_confidences, fit
+    from rcd.engine.vllm_engine import VllmEngine
+
+    s1, s2 = Adaptive(threshold=None, target_rate=0.3), Adaptive(threshold=None, target_rate=0.3)
+    hf = Engine(vlm, ctx(s1), k=2, max_new_tokens=8, stop_at_eos=False)
+    vl = VllmEngine(vlm, ctx(s2), k=2, max_new_tokens=8, stop_at_eos=False, vllm={"max_model_len": 512, "kv_cache_gib": 1})
+    c1, f1 = engine_confidences(hf, s1, PROMPTS)
+    c2, f2 = engine_confidences(vl, s2, PROMPTS)
+    assert f1 == f2 == 3 and c1.numel() == c2.numel() == 21
+    np.testing.assert_allclose(np.sort(c2.numpy()), np.sort(c1.numpy()), atol=1e-4)
+    assert fit(s2, c2, f2, "test")["threshold"] == pytest.approx(fit(s1, c1, f1, "test")["threshold"], abs=1e-4)
+
+
+@pytest.mark.parametrize("over,why", [
+    (["+strategy=replug"], "views"),
+    (["+strategy=per_token", "datastore.layer=1"], "layer 1"),
+    (["+strategy=adaptive", "strategy.schedule.mode=entropy"], "whole next-token distribution"),
+    (["+strategy=every_n"], "perplexity on vLLM covers none and kNN-LM"),
+    (["+strategy=none", "task=lm_knn_grid"], "lm_knn_grid"),
+    (["+strategy=none", "engine.segment_tokens=0"], "segment_tokens"),
+    (["+strategy=none", "+engine.kv_cache=3"], "unknown key"),
+])
+def test_cells_vllm_cannot_run_are_refused_at_start_up(over, why):
+    """Refused by the start-up checks (no model, no datastore), in rcd's one error form, naming the fix."""
+    from rcd.errors import RcdError
+    from rcd.paper.experiments import compose
+    from rcd.validate import check_config
+
+    cfg = compose(over + ["engine=vllm"])
+    with pytest.raises(RcdError, match="engine") as e:
+        check_config(cfg)
+    assert why in str(e.value)

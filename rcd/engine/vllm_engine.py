@@ -25,8 +25,9 @@ cost are the same code) whose forwards run in vLLM. What it runs, and how:
 Everything else (logits controls other than kNN-LM, KV injection, multi-view controls, a control that
 takes tokens back, adaptive on entropy) is refused at start-up, naming ``engine=hf``.
 
-``trace`` (a list) receives ``{row, step, token, logprob}`` per generated token: vLLM's log p of the token
-it chose (after rcd's logits processors), for parity checks against the HF engine's trace.
+``trace`` (a list) receives ``{row, step, token, logprob, top_logprob}`` per generated token: vLLM's log p of
+the token it chose and of the most probable token (after rcd's logits processors), for parity checks against
+the HF engine's trace and for calibrating adaptive's θ (:func:`rcd.calibrate.engine_confidences`).
 
 Cost: the engine's cost dict plus vLLM's counters: ``prompt_tokens`` (tokens submitted),
 ``cached_tokens`` (of those, served from vLLM's prefix cache: ``reused_tokens``), ``prefilled_tokens``
@@ -151,10 +152,8 @@ def refusal(control, schedule, task: str) -> Optional[str]:
             return (f"control {label} mixes inside vLLM at every token; schedule {type(schedule).__name__} fires at "
                     "some steps only")
         return None
-    if task == "lm":
-        return f"control {label}: perplexity on vLLM covers none and kNN-LM (per_token) only"
-    if has_form:  # evidence-driven logits control (tag bias): its processor runs inside vLLM, per segment
-        return _schedule_refusal(schedule)
+    if has_form:  # evidence-driven logits control (tag bias, span filter): its processor runs inside vLLM
+        return _schedule_refusal(schedule) or _lm_refusal(label, task)
     if control.views(1) != 1 or control.views(8) != 1:
         return (f"control {label} combines several views (prompts) per row at every step; vLLM's batch-level "
                 "logits processor sees the rows of one step but vLLM does not promise to schedule a request's "
@@ -166,7 +165,13 @@ def refusal(control, schedule, task: str) -> Optional[str]:
                 "); vLLM runs controls that only put passages into the prompt, and kNN-LM")
     if not control.rebuilds_prompt:
         return f"control {label} does not change the prompt"
-    return _schedule_refusal(schedule)
+    return _schedule_refusal(schedule) or _lm_refusal(label, task)
+
+
+def _lm_refusal(label: str, task: str) -> Optional[str]:
+    if task == "lm":
+        return f"control {label}: perplexity on vLLM covers none and kNN-LM (per_token) only"
+    return None
 
 
 def _schedule_refusal(schedule) -> Optional[str]:
@@ -376,7 +381,8 @@ class VllmEngine(Engine):
             row.decided = False
             if self.trace is not None:  # {row, step, token, logprob}: vLLM's log p of each chosen token
                 self.trace.append({"row": row.index, "step": row.step, "token": int(tok),
-                                   "logprob": float(lps[j][tok].logprob)})
+                                   "logprob": float(lps[j][tok].logprob),
+                                   "top_logprob": max(float(v.logprob) for v in lps[j].values())})
             row.gen[0].append(int(tok))
 
     # ------------------------------------------------------------------ scoring
@@ -439,7 +445,9 @@ class VllmEngine(Engine):
         cost["wall_s"] = time.perf_counter() - t0
         n_bytes = len(self.tok.decode(ids[1:]).encode("utf-8"))
         fired = n - 1 if c is not None else 0
-        return PerplexityResult(nll_none=nll_none, nll=nll, n_bytes=n_bytes, seconds_none=seconds_none or cost["wall_s"],
+        if c is not None:  # the plain log-probabilities come from the same vLLM calls: their time is vLLM's
+            seconds_none = cost["model_s"]
+        return PerplexityResult(nll_none=nll_none, nll=nll, n_bytes=n_bytes, seconds_none=seconds_none,
                                 seconds=cost["wall_s"], fired=fired,
                                 extra={"cost": self.finish_cost(cost), "engine": "vllm"} if c is not None else {})
 
