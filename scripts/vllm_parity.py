@@ -63,7 +63,8 @@ def run(preset: str, overrides: list[str], lm, corpus_ds, prompts: list[str], ne
                                                                              "cached_tokens", "prefilled_tokens")
                                                        if k in o.cost}}
         toks[engine], traces[engine] = o.token_ids, trace
-        out["schedule"] = OmegaConf.to_container(cfg.strategy.get("schedule") or {}, resolve=True)
+        sched = cfg.strategy.get("schedule")
+        out["schedule"] = OmegaConf.to_container(sched, resolve=True) if sched is not None else None
     hf_lp = {}  # (row, step) -> log p_hf of the token HF chose
     for rec in traces["hf"]:
         for b, g in enumerate(rec["gen"]):

@@ -34,6 +34,10 @@ def vlm(tmp_path_factory):
 
     from conftest import as_loaded, char_tokenizer
 
+    try:  # as in a whole test session (bm25s imports numba): vLLM's start-up scan must not trip over llvmlite
+        import llvmlite.binding  # noqa: F401
+    except ImportError:
+        pass
     tok = char_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -346,3 +350,25 @@ def test_cells_vllm_cannot_run_are_refused_at_start_up(over, why):
     with pytest.raises(RcdError, match="engine") as e:
         check_config(cfg)
     assert why in str(e.value)
+
+
+def test_lm_eval_backend_on_vllm_equals_hf(vlm, tmp_path):
+    """rcd-lm-eval --model rcd --model_args engine=vllm,...: lm-eval's rolling log-likelihood and a
+    loglikelihood request, scored in vLLM, equal the HF engine's."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install rcd[harness]")
+    from types import SimpleNamespace
+
+    from conftest import TEXTS
+    from rcd.harness import RcdLM
+
+    common = {"strategy": "none", "model.name": vlm.source, "model.dtype": "float32", "task.window": 32,
+              "task.stride": 16, "runs_root": str(tmp_path / "runs")}
+    hf = RcdLM(**common)
+    vl = RcdLM(**common, engine="vllm", **{"engine.max_model_len": 512, "engine.kv_cache_gib": 1})
+    assert type(vl._engine(1)).__name__ == "VllmEngine" and type(hf._engine(1)).__name__ == "Engine"
+    reqs = [SimpleNamespace(args=(TEXTS[0],)), SimpleNamespace(args=(TEXTS[1],))]
+    a, b = hf.loglikelihood_rolling(reqs), vl.loglikelihood_rolling(reqs)
+    assert b == pytest.approx(a, abs=5e-3) and a[0] < -10
+    ll = [SimpleNamespace(args=("To be, or not", " to be"))]
+    (la, ga), (lb, gb) = hf.loglikelihood(ll)[0], vl.loglikelihood(ll)[0]
+    assert lb == pytest.approx(la, abs=1e-3) and ga == gb

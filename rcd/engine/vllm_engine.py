@@ -42,7 +42,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
@@ -103,6 +105,37 @@ def vllm_available() -> Optional[str]:
 _LLMS: dict[tuple, Any] = {}
 
 
+def _unscannable_modules() -> list[str]:
+    """Modules holding a value vLLM 0.32's kernel registration cannot scan: at engine start it walks every module
+    in ``sys.modules`` and calls ``vars(value).get`` on each attribute with a ``__dict__``, which fails on
+    llvmlite's ctypes wrappers (imported with numba, e.g. by bm25s) and would stop the engine from starting."""
+    bad = []
+    for name, module in list(sys.modules.items()):
+        ns = getattr(module, "__dict__", None)
+        if not isinstance(ns, dict):
+            continue
+        for value in list(ns.values()):
+            try:
+                if hasattr(value, "__dict__") and not hasattr(vars(value), "get"):
+                    bad.append(name)
+                    break
+            except Exception:  # noqa: BLE001 - vars() itself failing breaks vLLM's scan just the same
+                bad.append(name)
+                break
+    return bad
+
+
+@contextmanager
+def _hidden_from_vllms_scan():
+    """Take :func:`_unscannable_modules` out of ``sys.modules`` while vLLM starts, and put them back."""
+    hidden = {name: sys.modules.pop(name) for name in _unscannable_modules()}
+    try:
+        yield
+    finally:
+        for name, module in hidden.items():
+            sys.modules.setdefault(name, module)
+
+
 def shared_llm(lm, settings: VllmSettings):
     """The process's vLLM ``LLM`` for model ``lm`` under ``settings`` (started once, ~20 s for SmolLM2 on a
     2-core CPU). The model must be a folder or hub id vLLM can load (``lm.source``)."""
@@ -119,8 +152,6 @@ def shared_llm(lm, settings: VllmSettings):
     from rcd.engine import vllm_plugin
 
     vllm_plugin.register()
-    from vllm import LLM
-
     if not os.path.isdir(str(lm.source)) and "/" not in str(lm.source):
         raise EngineError(f"engine=vllm: model {lm.name!r} has no folder or hub id vLLM can load "
                           f"(source {lm.source!r}); save it with save_pretrained and give model.name=<folder>")
@@ -128,13 +159,23 @@ def shared_llm(lm, settings: VllmSettings):
         del _LLMS[old]
     dtype = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}.get(
         str(lm.dtype), str(lm.dtype).replace("torch.", ""))
-    llm = LLM(model=str(lm.source), dtype=dtype, max_model_len=int(max_len), enforce_eager=settings.enforce_eager,
-              enable_prefix_caching=settings.prefix_caching, gpu_memory_utilization=settings.gpu_memory_utilization,
-              max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=max(int(max_len), 2048),
-              skip_tokenizer_init=True, seed=0, disable_log_stats=False, logprobs_mode="processed_logprobs", max_logprobs=1,
-              logits_processors=[vllm_plugin.KnnMixture, vllm_plugin.TagBiasMixture, vllm_plugin.SpanFilterMask])
+    with _hidden_from_vllms_scan():
+        llm = _start(lm, dtype, max_len, settings)
     _LLMS[key] = llm
     return llm
+
+
+def _start(lm, dtype: str, max_len: int, settings: VllmSettings):
+    from vllm import LLM
+
+    from rcd.engine import vllm_plugin
+
+    return LLM(model=str(lm.source), dtype=dtype, max_model_len=int(max_len), enforce_eager=settings.enforce_eager,
+               enable_prefix_caching=settings.prefix_caching, gpu_memory_utilization=settings.gpu_memory_utilization,
+               max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=max(int(max_len), 2048),
+               skip_tokenizer_init=True, seed=0, disable_log_stats=False, logprobs_mode="processed_logprobs",
+               max_logprobs=1,
+               logits_processors=[vllm_plugin.KnnMixture, vllm_plugin.TagBiasMixture, vllm_plugin.SpanFilterMask])
 
 
 def refusal(control, schedule, task: str) -> Optional[str]:
