@@ -74,6 +74,22 @@ def first_values(overrides: list[str]) -> list[str]:
     return out
 
 
+def sweeps(overrides: list[str]) -> list[str]:
+    """The overrides of a command line that sweep (``key=a,b``, ``range(...)``, ...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for line in overrides:
+        try:
+            (o,) = parser.parse_overrides([line])
+        except Exception:  # noqa: BLE001 - first_values reports a malformed override
+            continue
+        if o.is_sweep_override():
+            out.append(line)
+    return out
+
+
 def _closest(word: str, options) -> str:
     """"did you mean a or b? choices: a, b, c, ..." (the closest first)."""
     options = sorted(str(o) for o in options)
@@ -158,6 +174,20 @@ def check_argv(argv: list[str], config_name: str = "config") -> None:
             _compose(config_dir, chosen, config_name)
         except (HydraException, OmegaConfBaseException) as e:
             raise explain(e, config_dir, chosen) from None
+        swept = sweeps(overrides)
+        if swept and any(f in ("--multirun", "-m") for f in flags):
+            # Hydra's multirun composes the command line once without its sweeps before it sweeps them
+            fixed = [o for o in first_values([x for x in overrides if x not in swept])]
+            try:
+                _compose(config_dir, fixed, config_name)
+            except (HydraException, OmegaConfBaseException) as e:
+                err = explain(e, config_dir, fixed)
+                key = getattr(err, "key", None) or "the command line"
+                raise ConfigError(key, f"a --multirun first composes the command line without its sweeps "
+                                       f"({' '.join(swept)}), and {key} is there only once a swept option is "
+                                       "chosen: choose the group it belongs to on the command line too (e.g. "
+                                       "datastore=chunks when sweeping chunk presets), or list each job in full "
+                                       "with hydra/sweeper=rcd_list") from None
     except RcdError as e:
         print(f"[rcd] error: {e}", file=sys.stderr)
         sys.exit(EXIT_CODE)

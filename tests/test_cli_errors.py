@@ -75,3 +75,16 @@ def test_cli_missing_target_module_and_typo_exit_2_with_one_line(tmp_path):
                                        "module 'chunk_boost' was found, but 'Nope' could not be loaded")
     p = _cli(["+strategy=per_token", "strategy.control.lambda=0.3"], cwd=tmp_path)
     assert p.returncode == EXIT_CODE and "did you mean lmbda?" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_multirun_override_of_a_key_only_a_swept_preset_brings_names_the_fix(capsys):
+    """Hydra's multirun composes the command line without its sweeps first: datastore.retriever does not exist
+    before +strategy=once,cad is chosen. Refused in rcd's form with the fix (Hydra printed 'Could not override',
+    exit 1); with the group chosen on the command line the same sweep composes."""
+    argv = ["--multirun", "task=qa_mendeleev", "datastore.retriever=bm25", "+strategy=once,cad"]
+    err = refused(argv, capsys)
+    assert err.startswith("[rcd] error: datastore.retriever: a --multirun first composes the command line without "
+                          "its sweeps (+strategy=once,cad)") and "datastore=chunks" in err
+    check_argv(["--multirun", "task=qa_mendeleev", "datastore=chunks", "datastore.retriever=bm25",
+                "+strategy=once,cad"])  # composes: no exit
+    check_argv(["task=qa_mendeleev", "datastore.retriever=bm25", "+strategy=once"])  # a single run is fine
