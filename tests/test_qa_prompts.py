@@ -7,8 +7,9 @@ from omegaconf import OmegaConf
 
 from conftest import as_loaded, tiny_llama
 from rcd.control import PromptTemplate
+from rcd.control.context import Passage
 from rcd.engine import Engine
-from rcd.tasks.qa import QAError, prompt_style, requests, shot_examples
+from rcd.tasks.qa import QAError, prompt_style, requests, shot_examples, with_shots
 from test_qa_task import _setup
 
 EX = [{"id": "a", "question": "Symbol of gold?", "answers": ["Au", "au"]},
@@ -19,9 +20,15 @@ EX = [{"id": "a", "question": "Symbol of gold?", "answers": ["Au", "au"]},
 def test_completion_prompt_hand_written():
     t = OmegaConf.create({"completion_prompt": "Question: {question}\nAnswer:", "instruction": "Only the answer.",
                           "prompt": "{question}\n{instruction}"})
-    [r] = requests(EX[2:], t, "completion", shots=EX[:2])
-    assert r.prompt == ("Question: Symbol of gold?\nAnswer: Au\n\nQuestion: Symbol of iron?\nAnswer: Fe\n\n"
-                        "Question: Symbol of tin?\nAnswer:") and r.query == "Symbol of tin?"
+    [r] = requests(EX[2:], t, "completion")
+    assert r.prompt == "Question: Symbol of tin?\nAnswer:" and r.query == "Symbol of tin?"
+    model, tok = tiny_llama()
+    eng = with_shots(Engine(as_loaded(model, tok), None, template=PromptTemplate(header="Context:\n")), t, EX[:2])
+    shots = "Question: Symbol of gold?\nAnswer: Au\n\nQuestion: Symbol of iron?\nAnswer: Fe\n\n"
+    assert eng.template.render(tok, r.prompt) == shots + "Question: Symbol of tin?\nAnswer:"
+    # the passages stand after the solved examples, next to the question they were retrieved for
+    assert eng.template.render(tok, r.prompt, [Passage("Tin is Sn.")]) == \
+        shots + "Context:\nTin is Sn.\n\nQuestion: Symbol of tin?\nAnswer:"
     [r] = requests(EX[2:], t, "instruction")
     assert r.prompt == "Symbol of tin?\nOnly the answer."
 

@@ -5,7 +5,7 @@ point where generation starts:
 
 * plain models / raw-text tasks (``chat="never"``)::
 
-      header + passage_1 + joiner + ... + passage_k + footer + prompt
+      preamble + header + passage_1 + joiner + ... + passage_k + footer + prompt
 
 * chat models (``chat="auto"`` when the tokenizer has a chat template, or ``"always"``): the
   same block + prompt is the *user* message, optionally after a ``system`` message, and the
@@ -73,10 +73,13 @@ def merge_passages(old: list[Passage], new: list[Passage]) -> list[Passage]:
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """prompt text = [chat wrapper of] header + join(passages) + footer + prompt (see module doc)."""
+    """prompt text = [chat wrapper of] preamble + header + join(passages) + footer + prompt (see module doc).
+    ``preamble``: text before the passages whether there are passages or not (QA's solved examples for a base
+    model, so the passages stand next to the question they were retrieved for)."""
 
     chat: str = "never"
     system: Optional[str] = None
+    preamble: str = ""
     header: str = ""
     passage: str = "{text}"
     joiner: str = "\n"
@@ -145,7 +148,7 @@ class PromptTemplate:
 
     def render(self, tokenizer: Any, prompt: str, passages: Sequence[Passage] = ()) -> str:
         """The text read before the first generated token."""
-        user = self.block(passages) + prompt
+        user = self.preamble + self.block(passages) + prompt
         if not self.uses_chat(tokenizer):
             return user
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + \

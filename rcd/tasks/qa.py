@@ -204,13 +204,26 @@ def shot_examples(t, evaluated: list[dict], pool: list[dict]) -> list[dict]:
     return [rest[i] for i in sorted(rng.sample(range(len(rest)), n))]
 
 
-def requests(examples: list[dict], t, style: str = "instruction", shots: Optional[list[dict]] = None) -> list[Request]:
+def shots_preamble(t, shots: Optional[list[dict]]) -> str:
+    """The solved ``shots`` as ``task.completion_prompt`` + their first answer each, the template's preamble: the
+    model reads them first, then the passages retrieved for the question, then the question."""
+    fmt = t.get("completion_prompt") or COMPLETION
+    return "".join(f"{fmt.format(question=ex['question'])} {ex['answers'][0]}\n\n" for ex in shots or [])
+
+
+def with_shots(engine: Engine, t, shots: Optional[list[dict]]) -> Engine:
+    """``engine`` reading :func:`shots_preamble` before every prompt (its template's ``preamble``)."""
+    engine.template = engine.template.updated({"preamble": shots_preamble(t, shots)})
+    return engine
+
+
+def requests(examples: list[dict], t, style: str = "instruction") -> list[Request]:
     """The engine requests of ``examples`` in ``style`` (:func:`prompt_style`): ``task.prompt`` with the question
-    and ``task.instruction``, or ``task.completion_prompt`` after the solved ``shots`` (first answer each)."""
+    and ``task.instruction``, or ``task.completion_prompt`` (solved shots come from the engine's template:
+    :func:`with_shots`)."""
     if style == "completion":
         fmt = t.get("completion_prompt") or COMPLETION
-        solved = "".join(f"{fmt.format(question=ex['question'])} {ex['answers'][0]}\n\n" for ex in shots or [])
-        return [Request(prompt=solved + fmt.format(question=ex["question"]), query=ex["question"], id=ex["id"])
+        return [Request(prompt=fmt.format(question=ex["question"]), query=ex["question"], id=ex["id"])
                 for ex in examples]
     instruction = t.get("instruction") or ""
     fmt = t.get("prompt") or "{question}\n{instruction}"
@@ -218,10 +231,10 @@ def requests(examples: list[dict], t, style: str = "instruction", shots: Optiona
                     id=ex["id"]) for ex in examples]
 
 
-def decode_split(engine: Engine, examples: list[dict], t, style: str = "instruction",
-                 shots: Optional[list[dict]] = None) -> dict[str, Any]:
-    """Decode every example with ``engine``; metrics (see module doc) and per-example records."""
-    out = engine.generate(requests(examples, t, style, shots))
+def decode_split(engine: Engine, examples: list[dict], t, style: str = "instruction") -> dict[str, Any]:
+    """Decode every example with ``engine`` (:func:`with_shots` for solved examples); metrics (see module doc) and
+    per-example records."""
+    out = engine.generate(requests(examples, t, style))
     regex = t.get("answer_regex")
     preds = [extract_answer(x, regex) for x in out.texts]
     raw = [extract_answer(x, None) for x in out.texts]
@@ -269,23 +282,24 @@ def run(cfg, lm, strategy, heldout_ds, provenance) -> dict:
     pool = load_examples(t.path, **fields) if int(t.get("shots") or 0) or \
         calibrate.wants_calibration(getattr(strategy, "schedule", None)) else []
     shots = shot_examples(t, examples, pool) if style == "completion" else []
+    with_shots(engine, t, shots)
     if t.get("baseline", True) and not strategy.is_baseline:
-        plain = from_config(lm, None, cfg, task="qa", provenance=[], **common)
-        results["none"] = decode_split(plain, examples, t, style, shots)
+        plain = with_shots(from_config(lm, None, cfg, task="qa", provenance=[], **common), t, shots)
+        results["none"] = decode_split(plain, examples, t, style)
     calibration = None
     if calibrate.wants_calibration(getattr(strategy, "schedule", None)):  # θ from questions not evaluated
-        calib_engine = from_config(lm, strategy, cfg, task="qa", provenance=[], **common)
+        calib_engine = with_shots(from_config(lm, strategy, cfg, task="qa", provenance=[], **common), t, shots)
         shot_ids = {ex["id"] for ex in shots}
         calibration = calibrate.calibrate_qa(calib_engine, strategy, examples,
                                              [ex for ex in pool if ex["id"] not in shot_ids],
-                                             lambda exs: requests(exs, t, style, shots),
+                                             lambda exs: requests(exs, t, style),
                                              int(t.get("calibration_questions") or 32))
-    main = decode_split(engine, examples, t, style, shots)
+    main = decode_split(engine, examples, t, style)
     sched = getattr(strategy, "schedule", None)
     metrics: dict[str, Any] = {"qa": main["metrics"]}
     # which prompt the model read: the style, the solved examples before each question, one rendered prompt
     metrics["prompt"] = {"style": style, "shots": len(shots), "shot_ids": [ex["id"] for ex in shots],
-                         "example": engine.template.render(engine.tok, requests(examples[:1], t, style, shots)[0].prompt)}
+                         "example": engine.template.render(engine.tok, requests(examples[:1], t, style)[0].prompt)}
     if calibration is not None:
         metrics["calibration"] = dict(calibration, achieved_rate=main["metrics"]["retrieval_rate"])
     if "none" in results:
