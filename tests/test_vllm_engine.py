@@ -6,8 +6,6 @@ kNN mixture is checked against a hand computation; unsupported cells are refused
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -17,8 +15,8 @@ from rcd.engine.vllm_engine import vllm_available
 pytestmark = pytest.mark.skipif(vllm_available() is not None, reason=str(vllm_available()))
 
 from rcd.control.context import ContextControl  # noqa: E402
-from rcd.control.knn import KNNInterpolation, interpolate, knn_log_probs  # noqa: E402
-from rcd.engine import Engine, EngineError, Request  # noqa: E402
+from rcd.control.knn import KNNInterpolation  # noqa: E402
+from rcd.engine import Engine, EngineError  # noqa: E402
 from rcd.schedule import Adaptive, EveryN, EveryToken, Once, Sentence  # noqa: E402
 from rcd.strategy import Strategy  # noqa: E402
 from test_engine import DOCS, FakeChunks  # noqa: E402

@@ -251,7 +251,8 @@ class _Row(Decoding):
 
 
 class VllmEngine(Engine):
-    """An :class:`Engine` whose forwards run in vLLM (module doc). ``vllm``: :class:`VllmSettings` fields."""
+    """An :class:`Engine` whose forwards run in vLLM (module doc). ``vllm``: :class:`VllmSettings` fields.
+    Sampling (``do_sample``) draws with vLLM's generator: the same distribution as ``engine=hf``, other draws."""
 
     kind = "vllm"
 
@@ -261,8 +262,8 @@ class VllmEngine(Engine):
         why = refusal(self.control, self.schedule, self.task)
         if why:
             raise EngineError(f"engine=vllm cannot run strategy {self.name!r}: {why}; run it with engine=hf")
-        self._llm = None  # sampling (do_sample) draws with vLLM's generator: other draws than engine=hf's
-        self._search_s0 = 0.0
+        self._llm = None
+        self._search_s0 = 0.0  # the plugin's search seconds when the current call began
 
     @property
     def llm(self):
@@ -307,8 +308,6 @@ class VllmEngine(Engine):
     # ------------------------------------------------------------------ generation
     def _generate_batch(self, reqs: list[Request], max_new: int, offset: int) -> Output:
         """Segmented generation of ``reqs`` (module doc); rows advance independently, batched per round."""
-        from rcd.engine.query import hit_labels  # noqa: F401 - Decoding.retrieve uses it
-
         t_start = time.perf_counter()
         n_prov = len(self.provenance)
         sched, c = self.schedule, self.control
