@@ -459,7 +459,7 @@ def bench_engines(lm, presets: Sequence[str], batches: Sequence[int], new_tokens
     rows, qa_rows = [], []
     for engine_name in ("hf", "vllm"):
         for preset in presets:
-            over = preset_overrides(lm, preset, "bm25", common=[f"engine={engine_name}", *common])
+            over = preset_overrides(lm, preset, "bm25", common=[f"engine={engine_name}", "task.name=generate", *common])
             cfg = compose(over)
             strat = build_strategy(cfg, lm)
             eng = from_config(lm, strat if not strat.is_baseline else None, cfg)
