@@ -263,7 +263,6 @@ class VllmEngine(Engine):
         if why:
             raise EngineError(f"engine=vllm cannot run strategy {self.name!r}: {why}; run it with engine=hf")
         self._llm = None
-        self._search_s0 = 0.0  # the plugin's search seconds when the current call began
 
     @property
     def llm(self):
@@ -308,7 +307,10 @@ class VllmEngine(Engine):
     # ------------------------------------------------------------------ generation
     def _generate_batch(self, reqs: list[Request], max_new: int, offset: int) -> Output:
         """Segmented generation of ``reqs`` (module doc); rows advance independently, batched per round."""
+        from rcd.engine.vllm_plugin import CAPTURE
+
         t_start = time.perf_counter()
+        search_s0 = CAPTURE.search_s  # kNN searches inside vLLM during this batch
         n_prov = len(self.provenance)
         sched, c = self.schedule, self.control
         rows = []
@@ -360,12 +362,10 @@ class VllmEngine(Engine):
                 sched.fired += row.schedule.fired
         cost["steps"] = sum(len(r.gen[0]) for r in rows)  # one step (one schedule decision) per token
         if c is not None and c.retrieves_itself:
-            from rcd.engine.vllm_plugin import CAPTURE
-
             for r in rows:
                 r.fired[0] = len(r.gen[0])
             cost["retrievals"] = cost["steps"]
-            cost["retrieval_s"] = CAPTURE.search_s - self._search_s0
+            cost["retrieval_s"] = CAPTURE.search_s - search_s0
         cost["tokens"] = sum(len(r.gen[0]) for r in rows)
         cost["ttft"] = ttft
         cost["reused_tokens"] = cost.get("cached_tokens", 0)
@@ -374,14 +374,6 @@ class VllmEngine(Engine):
         return Output(texts=texts, token_ids=[list(r.gen[0]) for r in rows], cost=cost,
                       provenance=self.provenance[n_prov:], retrieved=[r.retrieved[0] for r in rows],
                       fired=[r.fired[0] for r in rows])
-
-    def generate(self, requests, max_new_tokens: Optional[int] = None) -> Output:
-        from rcd.engine.vllm_plugin import CAPTURE
-
-        self._search_s0 = CAPTURE.search_s
-        out = super().generate(requests, max_new_tokens)
-        self._search_s0 = CAPTURE.search_s
-        return out
 
     def _segment_len(self, row: _Row, max_new: int) -> int:
         left = max_new - row.step

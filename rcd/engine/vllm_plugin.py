@@ -23,6 +23,7 @@ datastore folder, opened on first use.
 from __future__ import annotations
 
 import threading
+from abc import abstractmethod
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,8 +215,9 @@ class _EvidenceProcessor(_PerRequest):
     the tokens of earlier segments, + this request's output so far) as ``input_ids``."""
 
     @classmethod
+    @abstractmethod
     def make(cls, args: dict):
-        raise NotImplementedError
+        """The rcd control holding this request's evidence (TagBias, SpanFilter)."""
 
     def row_state(self, args: dict, output_ids: list) -> tuple:
         return self.make(args), list(args.get("since", ())), output_ids
